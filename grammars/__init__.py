@@ -1,0 +1,1 @@
+"""The .sel grammar, shipped as package data."""

@@ -1,0 +1,1 @@
+"""Operator algorithms as plain functions on arrays (no engine, no cache)."""

@@ -1,0 +1,1 @@
+"""The prelude and method recipes, shipped as package data."""
