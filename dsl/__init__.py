@@ -1,0 +1,1 @@
+"""The datasel language: parser, checker, planner, engine, cache, data layer and CLI."""

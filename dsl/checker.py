@@ -1,0 +1,496 @@
+"""Name resolution and kind checking.
+
+The checker merges the scopes (prelude < recipe < ``--set``), resolves every
+name, checks every call against its operator's declaration and every operator
+against the kinds of its operands, and reports all errors of a recipe at once.
+It records what it learned (the kind of every expression, what every name and
+call resolves to) for the planner.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from datasel.dsl import ast
+from datasel.dsl.diagnostics import Diagnostic, RecipeError, Source, Span
+from datasel.ops import registry as reg
+from datasel.ops.registry import Budget, Kind, OpSpec, Param, accepts, kind_name
+
+DATASETS = ("pool", "val")
+
+# Names of operators and prelude bindings that later work will add.  Using one
+# gives a precise "not available yet" error instead of a bare "unknown name".
+PLANNED = {
+    "graphwalk": "the G2IS gradient graph walk",
+    "grad": "the per-example LoRA gradient operators (LESS, G2IS, ClusterUCB)",
+    "grad_adam": "the per-example LoRA gradient operators (LESS, G2IS, ClusterUCB)",
+    "grad_sgd": "the per-example LoRA gradient operators (LESS, G2IS, ClusterUCB)",
+    "val_grad": "the per-example LoRA gradient operators (LESS, G2IS, ClusterUCB)",
+    "pca": "the gradient-feature operators (G2IS)",
+    "influence": "the gradient-feature operators (LESS)",
+    "less": "the gradient-feature operators (LESS)",
+    "bandit": "the ClusterUCB bandit selector",
+    "golden": "the Nuggets golden-score operator",
+    "whisper": "the Data Whisperer in-context scoring operator",
+    "mig": "the MIG label-graph selector",
+    "tags": "the label operators (MIG)",
+}
+
+
+@dataclass(frozen=True)
+class Type:
+    """The kind of an expression, and for per-record kinds the dataset it covers."""
+
+    kind: Kind
+    dataset: str | None = None
+
+    def describe(self) -> str:
+        if self.dataset and self.dataset != "pool" and self.kind in reg.PER_RECORD:
+            return f"{self.kind} of {self.dataset}"
+        return str(self.kind)
+
+
+ANY = Type(Kind.ANY)
+
+
+@dataclass
+class CallInfo:
+    """A checked call: the operator and its arguments by parameter name."""
+
+    spec: OpSpec
+    args: dict[str, ast.Expr]  # only those written in the recipe
+    lambda_param: str | None = None
+
+
+@dataclass
+class Checked:
+    """The result of checking: everything the planner needs."""
+
+    select: ast.Expr
+    bindings: dict[str, ast.Binding]
+    types: dict[int, Type] = field(default_factory=dict)
+    calls: dict[int, CallInfo] = field(default_factory=dict)
+    implicit_calls: dict[int, OpSpec] = field(default_factory=dict)  # bare op names
+    sources: list[Source] = field(default_factory=list)
+
+    def type_of(self, expr: ast.Expr) -> Type:
+        return self.types.get(id(expr), ANY)
+
+
+def _suggest(name: str, candidates) -> str:
+    matches = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
+    return f"; did you mean '{matches[0]}'?" if matches else ""
+
+
+def _snippet(expr: ast.Expr, limit: int = 40) -> str:
+    text = " ".join(expr.span.text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class Checker:
+    """Checks one merged program; use :func:`check`."""
+
+    def __init__(self, bindings: dict[str, ast.Binding], broken: set[str]):
+        self.bindings = bindings
+        self.broken = broken
+        self.errors: list[Diagnostic] = []
+        self.ops = reg.registry()
+        self.binding_types: dict[str, Type] = {}
+        self.in_progress: list[str] = []
+        self.result_types: dict[int, Type] = {}
+        self.calls: dict[int, CallInfo] = {}
+        self.implicit: dict[int, OpSpec] = {}
+
+    # ------------------------------------------------------------ utilities
+    def error(self, message: str, span: Span | None, notes=()) -> None:
+        self.errors.append(Diagnostic(message, span, notes=list(notes)))
+
+    def record(self, expr: ast.Expr, t: Type) -> Type:
+        self.result_types[id(expr)] = t
+        return t
+
+    def visible_names(self, scope: dict[str, Type]) -> list[str]:
+        names = list(self.bindings) + list(scope) + list(DATASETS)
+        names += [n for n, s in self.ops.items() if s.all_optional]
+        return names
+
+    # ------------------------------------------------------------ bindings
+    def binding_type(self, name: str, use_span: Span | None) -> Type:
+        if name in self.binding_types:
+            return self.binding_types[name]
+        if name in self.in_progress:
+            cycle = self.in_progress[self.in_progress.index(name):] + [name]
+            b = self.bindings[name]
+            self.error(f"cycle in bindings: {' -> '.join(cycle)}", b.span)
+            return ANY
+        binding = self.bindings[name]
+        self.in_progress.append(name)
+        try:
+            t = self.expr(binding.expr, {})
+        finally:
+            self.in_progress.pop()
+        self.binding_types[name] = t
+        return t
+
+    # --------------------------------------------------------- expressions
+    def expr(self, e: ast.Expr, scope: dict[str, Type]) -> Type:
+        method = getattr(self, "expr_" + type(e).__name__)
+        return self.record(e, method(e, scope))
+
+    def expr_Number(self, e: ast.Number, scope) -> Type:
+        return Type(Kind.NUMBER)
+
+    def expr_Percent(self, e: ast.Percent, scope) -> Type:
+        if e.fraction < 0 or e.fraction > 1:
+            self.error(f"a percentage must be between 0% and 100%, got {_snippet(e)}", e.span)
+        return Type(Kind.BUDGET)
+
+    def expr_String(self, e, scope) -> Type:
+        return Type(Kind.STRING)
+
+    def expr_Bool(self, e, scope) -> Type:
+        return Type(Kind.BOOL)
+
+    def expr_NoneLit(self, e, scope) -> Type:
+        return Type(Kind.NONE)
+
+    def expr_ListLit(self, e: ast.ListLit, scope) -> Type:
+        for item in e.items:
+            self.expr(item, scope)
+        return Type(Kind.LIST)
+
+    def expr_Lambda(self, e: ast.Lambda, scope) -> Type:
+        self.error("a function (name -> expression) is only allowed as an argument of an operator that takes one, such as iterate", e.span)
+        return ANY
+
+    def expr_Name(self, e: ast.Name, scope) -> Type:
+        name = e.id
+        if name in scope:
+            return scope[name]
+        if name in DATASETS:
+            return Type(Kind.DATASET)
+        if name in self.bindings:
+            return self.binding_type(name, e.span)
+        if name in self.broken:
+            return ANY  # its statement already has a syntax error
+        spec = self.ops.get(name)
+        if spec is not None:
+            if not spec.all_optional:
+                required = ", ".join(p.name for p in spec.params if p.required)
+                self.error(f"'{name}' is an operator that needs arguments ({required}); write {name}(...)", e.span)
+                return ANY
+            self.implicit[id(e)] = spec
+            return self.call_result(spec, {}, e, scope)
+        if name in PLANNED:
+            self.error(f"'{name}' is not available yet: it arrives with {PLANNED[name]}", e.span)
+            return ANY
+        self.error(f"unknown name '{name}'{_suggest(name, self.visible_names(scope))}", e.span)
+        return ANY
+
+    def expr_Neg(self, e: ast.Neg, scope) -> Type:
+        t = self.expr(e.operand, scope)
+        if t.kind not in (Kind.NUMBER, Kind.SCORES, Kind.ANY):
+            self.error(f"'-' negates Scores or numbers, got {t.describe()} ({_snippet(e.operand)})", e.span)
+            return ANY
+        return t
+
+    def expr_BinOp(self, e: ast.BinOp, scope) -> Type:
+        left = self.expr(e.left, scope)
+        right = self.expr(e.right, scope)
+        if Kind.ANY in (left.kind, right.kind):
+            return self._binop_unknown(e, left, right)
+        op = e.op
+        if op == "|":
+            return self._pipe(e, left, right)
+        if op == "&":
+            if left.kind is Kind.SELECTOR and right.kind is Kind.SELECTOR:
+                return Type(Kind.SELECTOR)
+            self._operands_error(e, left, right, "'&' intersects two selections (Selector & Selector)")
+            return ANY
+        if op in ast.COMPARISONS:
+            numeric = (Kind.NUMBER, Kind.SCORES)
+            if left.kind in numeric and right.kind in numeric and Kind.SCORES in (left.kind, right.kind):
+                self._same_dataset(e, left, right)
+                if (left.dataset or right.dataset or "pool") != "pool":
+                    self.error(f"comparisons select records of the pool; these Scores cover {left.dataset or right.dataset}", e.span)
+                return Type(Kind.SELECTOR)
+            if left.kind is Kind.NUMBER and right.kind is Kind.NUMBER:
+                self.error("comparing two numbers selects nothing; one side must be Scores", e.op_span)
+                return ANY
+            self._operands_error(e, left, right, f"'{op}' compares Scores with Scores or numbers, giving a Selector")
+            return ANY
+        if op in "+-":
+            if left.kind is Kind.SELECTOR and right.kind is Kind.SELECTOR:
+                return Type(Kind.SELECTOR)
+            if left.kind in (Kind.NUMBER, Kind.SCORES) and right.kind in (Kind.NUMBER, Kind.SCORES):
+                return self._arith_result(e, left, right)
+            what = "union" if op == "+" else "difference"
+            self._operands_error(e, left, right, f"'{op}' is the {what} of two Selectors or arithmetic on Scores and numbers")
+            return ANY
+        if op in "*/":
+            if left.kind in (Kind.NUMBER, Kind.SCORES) and right.kind in (Kind.NUMBER, Kind.SCORES):
+                return self._arith_result(e, left, right)
+            self._operands_error(e, left, right, f"'{op}' is arithmetic on Scores and numbers")
+            return ANY
+        raise AssertionError(op)
+
+    def _binop_unknown(self, e: ast.BinOp, left: Type, right: Type) -> Type:
+        known = left if right.kind is Kind.ANY else right
+        if e.op in ast.COMPARISONS or e.op == "&":
+            return Type(Kind.SELECTOR)
+        if e.op == "|":
+            return Type(Kind.SELECTOR) if right.kind is Kind.ANY else (
+                Type(Kind.SELECTOR) if right.kind is Kind.SELECTOR else right
+            )
+        return known if known.kind is not Kind.ANY else ANY
+
+    def _same_dataset(self, e: ast.BinOp, left: Type, right: Type) -> None:
+        if left.dataset and right.dataset and left.dataset != right.dataset:
+            self.error(f"'{e.op}' combines Scores of {left.dataset} with Scores of {right.dataset}", e.op_span)
+
+    def _arith_result(self, e: ast.BinOp, left: Type, right: Type) -> Type:
+        if Kind.SCORES in (left.kind, right.kind):
+            self._same_dataset(e, left, right)
+            return Type(Kind.SCORES, left.dataset or right.dataset)
+        return Type(Kind.NUMBER)
+
+    def _operands_error(self, e: ast.BinOp, left: Type, right: Type, rule: str) -> None:
+        self.error(
+            f"{rule}; got {left.describe()} ({_snippet(e.left)}) and {right.describe()} ({_snippet(e.right)})",
+            e.op_span,
+        )
+
+    def _pipe(self, e: ast.BinOp, left: Type, right: Type) -> Type:
+        if left.kind not in (Kind.SELECTOR, Kind.PARTITION):
+            hint = ""
+            if left.kind is Kind.SCORES:
+                hint = f"; to filter by a score compare it, e.g. {_snippet(e.left)} < 1"
+            self.error(
+                f"the left side of '|' must be a Selector or a Partition, got {left.describe()} ({_snippet(e.left)}){hint}",
+                e.left.span,
+            )
+            return ANY
+        if right.kind not in (Kind.SELECTOR, Kind.PARTITION):
+            hint = ""
+            if right.kind is Kind.SCORES:
+                hint = f"; to keep the best records write topk({_snippet(e.right)}, 10%)"
+            self.error(
+                f"the right side of '|' must be a Selector or a Partition, got {right.describe()} ({_snippet(e.right)}){hint}",
+                e.right.span,
+            )
+            return ANY
+        if left.kind is Kind.PARTITION and right.kind is Kind.PARTITION:
+            self.error("a Partition must be followed by a Selector to apply in each group, got another Partition", e.right.span)
+            return ANY
+        if left.kind is Kind.PARTITION:
+            return Type(Kind.SELECTOR)
+        return right
+
+    # ----------------------------------------------------------------- calls
+    def expr_Call(self, e: ast.Call, scope) -> Type:
+        spec = self.ops.get(e.func)
+        if spec is None:
+            for a in e.args:
+                if not isinstance(a, ast.Lambda):
+                    self.expr(a, scope)
+            for k in e.kwargs:
+                self.expr(k.value, scope)
+            if e.func in self.bindings or e.func in scope:
+                self.error(f"'{e.func}' is a name, not an operator; it cannot be called", e.func_span)
+            elif e.func in PLANNED:
+                self.error(f"operator '{e.func}' is not available yet: it arrives with {PLANNED[e.func]}", e.func_span)
+            else:
+                self.error(f"unknown operator '{e.func}'{_suggest(e.func, self.ops)}", e.func_span)
+            return ANY
+        args: dict[str, ast.Expr] = {}
+        params = list(spec.params)
+        positional = [p for p in params]
+        for i, a in enumerate(e.args):
+            if i >= len(positional):
+                self.error(f"{spec.name} takes at most {len(positional)} arguments, got {len(e.args)}  (signature: {spec.signature()})", a.span)
+                break
+            args[positional[i].name] = a
+        for kw in e.kwargs:
+            param = spec.param(kw.name)
+            if param is None:
+                self.error(f"{spec.name} has no parameter '{kw.name}'{_suggest(kw.name, [p.name for p in params])}", kw.span)
+                self.expr(kw.value, scope)
+                continue
+            if kw.name in args:
+                self.error(f"{spec.name}: argument '{kw.name}' given twice", kw.span)
+                continue
+            args[kw.name] = kw.value
+        for p in params:
+            if p.required and p.name not in args:
+                self.error(f"{spec.name} needs argument '{p.name}' ({kind_name(p.kind)})  (signature: {spec.signature()})", e.span)
+        info = CallInfo(spec, args)
+        self.calls[id(e)] = info
+        return self.call_result(spec, args, e, scope)
+
+    def call_result(self, spec: OpSpec, args: dict[str, ast.Expr], e: ast.Expr, scope) -> Type:
+        """Check the arguments of a (possibly implicit) call and return its type."""
+        per_record_dataset = None
+        for position, p in enumerate(spec.params, start=1):
+            if p.name not in args:
+                continue
+            a = args[p.name]
+            where = f"argument {position} ({p.name})" if not self._is_keyword(e, p.name) else f"{p.name}="
+            if isinstance(a, ast.Lambda):
+                if not accepts(p.kind, Kind.FUNCTION):
+                    self.error(f"{spec.name} does not take a function for {where}", a.span)
+                    continue
+                var_kind = spec.extra.get("lambda_kind", Kind.SELECTOR)
+                inner = dict(scope)
+                inner[a.param] = Type(var_kind)
+                body = self.expr(a.body, inner)
+                want = spec.extra.get("lambda_result", Kind.SELECTOR)
+                if not accepts(want, body.kind):
+                    self.error(f"the function given to {spec.name} must return a {want}, got {body.describe()}", a.body.span)
+                self.record(a, Type(Kind.FUNCTION))
+                continue
+            t = self.expr(a, scope)
+            if not accepts(p.kind, t.kind):
+                if p.kind is Kind.FUNCTION or (isinstance(p.kind, tuple) and Kind.FUNCTION in p.kind):
+                    self.error(f"{spec.name} expects a function (name -> expression) for {where}, got {t.describe()} ({_snippet(a)})", a.span)
+                elif t.kind is Kind.NONE and not p.required and p.default is None:
+                    pass
+                else:
+                    self.error(f"{spec.name} expects {kind_name(p.kind)} as {where}, got {t.describe()} ({_snippet(a)})", a.span)
+                continue
+            self._check_literal(spec, p, a, where)
+            if t.kind in reg.PER_RECORD and t.dataset:
+                if spec.role in ("selector", "partition") and t.dataset != "pool":
+                    self.error(f"{spec.name} selects from the pool but {where} covers {t.dataset} ({_snippet(a)})", a.span)
+                per_record_dataset = per_record_dataset or t.dataset
+        if spec.role == "map":
+            data = args.get("data")
+            dataset = data.id if isinstance(data, ast.Name) and data.id in DATASETS else "pool"
+            return Type(spec.result, dataset)
+        if spec.result in reg.PER_RECORD:
+            return Type(spec.result, per_record_dataset or "pool")
+        return Type(spec.result)
+
+    @staticmethod
+    def _is_keyword(e: ast.Expr, name: str) -> bool:
+        return isinstance(e, ast.Call) and any(k.name == name for k in e.kwargs)
+
+    def _check_literal(self, spec: OpSpec, p: Param, a: ast.Expr, where: str) -> None:
+        if p.choices is not None and isinstance(a, ast.String) and a.value not in p.choices:
+            options = ", ".join(f'"{c}"' for c in p.choices)
+            self.error(f"{spec.name}: {where} must be one of {options}; got \"{a.value}\"{_suggest(a.value, p.choices)}", a.span)
+        if accepts(p.kind, Kind.BUDGET) and not accepts(p.kind, Kind.NUMBER) and isinstance(a, ast.Number):
+            if not a.is_integer or a.value < 0:
+                pct = format(float(a.value * 100), "g")
+                self.error(f"{spec.name}: a budget is a whole count or a percentage; got {_snippet(a)} (for a share write {pct}%)", a.span)
+        if isinstance(a, ast.Neg) and isinstance(a.operand, ast.Number) and accepts(p.kind, Kind.BUDGET) and not accepts(p.kind, Kind.NUMBER):
+            self.error(f"{spec.name}: a budget cannot be negative", a.span)
+
+
+def merge_scopes(layers: list[tuple[Source, ast.Program]], overrides: dict[str, ast.Expr] | None,
+                 errors: list[Diagnostic]) -> tuple[dict[str, ast.Binding], set[str]]:
+    """Merge bindings: later layers override earlier ones; duplicates within a layer are errors."""
+    merged: dict[str, ast.Binding] = {}
+    broken: set[str] = set()
+    for source, program in layers:
+        seen: dict[str, ast.Binding] = {}
+        for b in program.bindings:
+            if b.name in DATASETS:
+                errors.append(Diagnostic(f"'{b.name}' is the built-in dataset and cannot be rebound", b.span))
+                continue
+            if b.name in seen:
+                errors.append(Diagnostic(f"'{b.name}' is bound twice in {source.name}", b.span,
+                                         notes=[("first bound here", seen[b.name].span)]))
+                continue
+            seen[b.name] = b
+            merged[b.name] = b
+        broken |= program.broken_names
+    for name, expr in (overrides or {}).items():
+        if name in DATASETS:
+            errors.append(Diagnostic(f"'{name}' is the built-in dataset and cannot be set", expr.span))
+            continue
+        merged[name] = ast.Binding(name, expr, expr.span, expr.span.source.name)
+    return merged, broken
+
+
+def check(layers: list[tuple[Source, ast.Program]], overrides: dict[str, ast.Expr] | None = None,
+          errors: list[Diagnostic] | None = None, *, select: ast.Expr | None = None) -> Checked:
+    """Check a recipe (the last layer) over its prelude; raise :class:`RecipeError` on any error.
+
+    ``errors`` are syntax errors found earlier; they are reported together
+    with the checker's.  ``select`` replaces the recipe's ``select`` (used by
+    ``datasel eval``, which evaluates an expression instead).
+    """
+    errors = list(errors or [])
+    bindings, broken = merge_scopes(layers, overrides, errors)
+    checker = Checker(bindings, broken)
+    source, program = layers[-1]
+    target = select
+    if target is None:
+        if not program.selects:
+            if not any(d.span is not None and d.span.source.name == source.name for d in errors):
+                errors.append(Diagnostic(f"{source.name} has no 'select' statement (a recipe ends with: select <selector>)"))
+        else:
+            target = program.selects[0].expr
+            for extra in program.selects[1:]:
+                errors.append(Diagnostic("a recipe has exactly one 'select' statement", extra.span,
+                                         notes=[("the first one is here", program.selects[0].span)]))
+    for earlier_source, earlier in layers[:-1]:
+        for s in earlier.selects:
+            errors.append(Diagnostic(f"{earlier_source.name} is a prelude and cannot contain 'select'", s.span))
+    # Check every binding, used or not, so that a broken prelude or recipe line is reported.
+    for name in list(bindings):
+        checker.binding_type(name, None)
+    if target is not None:
+        t = checker.expr(target, {})
+        if select is None and t.kind not in (Kind.SELECTOR, Kind.ANY):
+            hint = f"; did you mean topk({_snippet(target)}, 10%)?" if t.kind is Kind.SCORES else ""
+            checker.error(f"select needs a Selector, got {t.describe()} ({_snippet(target)}){hint}", target.span)
+    errors.extend(checker.errors)
+    if errors:
+        raise RecipeError(_dedupe(errors))
+    return Checked(
+        select=target,
+        bindings=bindings,
+        types=checker.result_types,
+        calls=checker.calls,
+        implicit_calls=checker.implicit,
+        sources=[s for s, _ in layers],
+    )
+
+
+def _dedupe(errors: list[Diagnostic]) -> list[Diagnostic]:
+    seen = set()
+    out = []
+    for d in errors:
+        key = (d.message, d.span.start if d.span else None, d.span.source.name if d.span else None)
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return out
+
+
+def literal_value(expr: ast.Expr) -> tuple[bool, Any]:
+    """``(True, value)`` when ``expr`` is a literal (budgets become :class:`Budget`)."""
+    if isinstance(expr, ast.Number):
+        return True, expr.python()
+    if isinstance(expr, ast.Percent):
+        return True, Budget(fraction=expr.fraction, of_pool=expr.of_pool)
+    if isinstance(expr, ast.String):
+        return True, expr.value
+    if isinstance(expr, ast.Bool):
+        return True, expr.value
+    if isinstance(expr, ast.NoneLit):
+        return True, None
+    if isinstance(expr, ast.Neg) and isinstance(expr.operand, ast.Number):
+        return True, -expr.operand.python()
+    if isinstance(expr, ast.ListLit):
+        values = []
+        for item in expr.items:
+            ok, v = literal_value(item)
+            if not ok:
+                return False, None
+            values.append(v)
+        return True, values
+    return False, None

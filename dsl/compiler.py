@@ -1,0 +1,105 @@
+"""Recipe text -> checked program -> plan: the front half of datasel."""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasel.dsl import ast
+from datasel.dsl.checker import Checked, check
+from datasel.dsl.diagnostics import Diagnostic, RecipeError, Source
+from datasel.dsl.parser import parse, parse_expression
+from datasel.dsl.plan import Plan, build_plan
+
+PRELUDE_NAME = "prelude.sel"
+
+
+def prelude_source() -> Source:
+    """The standard prelude shipped with the package."""
+    text = importlib.resources.files("datasel.recipes").joinpath(PRELUDE_NAME).read_text(encoding="utf-8")
+    return Source(f"<prelude>/{PRELUDE_NAME}", text)
+
+
+def recipe_source(path_or_text: str | Path, *, name: str | None = None) -> Source:
+    """A recipe from a file path, or from text when ``name`` is given.
+
+    A bare name such as ``superfiltering`` (or ``superfiltering.sel``) that is
+    not a file finds the recipe shipped with the package.
+    """
+    if name is not None:
+        return Source(name, str(path_or_text))
+    path = Path(path_or_text)
+    if not path.exists():
+        shipped = importlib.resources.files("datasel.recipes").joinpath(
+            path.name if path.suffix == ".sel" else path.name + ".sel"
+        )
+        if shipped.is_file() and path.name != PRELUDE_NAME and len(path.parts) == 1:
+            return Source(f"<recipes>/{shipped.name}", shipped.read_text(encoding="utf-8"))
+        raise FileNotFoundError(f"{path}: no such recipe file")
+    try:
+        return Source(str(path), path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError([Diagnostic(f"{path}: recipe is not valid UTF-8 text")]) from None
+
+
+def parse_sets(sets: list[str] | dict[str, str] | None) -> tuple[dict[str, ast.Expr], list[Diagnostic]]:
+    """Parse ``--set NAME=EXPR`` overrides."""
+    overrides: dict[str, ast.Expr] = {}
+    errors: list[Diagnostic] = []
+    items: list[tuple[str, str]] = []
+    if isinstance(sets, dict):
+        items = list(sets.items())
+    else:
+        for text in sets or []:
+            name, sep, expr = text.partition("=")
+            name = name.strip()
+            if not sep or not name.isidentifier():
+                errors.append(Diagnostic(f"--set expects NAME=EXPRESSION, got {text!r}"))
+                continue
+            items.append((name, expr))
+    for name, expr_text in items:
+        expr, errs = parse_expression(Source(f"--set {name}", expr_text))
+        errors.extend(errs)
+        if expr is not None:
+            overrides[name] = expr
+    return overrides, errors
+
+
+@dataclass
+class Compiled:
+    """A checked recipe and its plan."""
+
+    source: Source
+    checked: Checked
+    plan: Plan
+
+
+def check_recipe(source: Source, sets=None, *, expression: str | None = None) -> Checked:
+    """Parse and check ``source`` over the prelude; raise :class:`RecipeError` listing every error.
+
+    With ``expression``, that expression (for ``datasel eval``) is checked in
+    the recipe's scope instead of the recipe's ``select``.
+    """
+    prelude = prelude_source()
+    prelude_program, errors = parse(prelude)
+    program, recipe_errors = parse(source)
+    errors += recipe_errors
+    overrides, set_errors = parse_sets(sets)
+    errors += set_errors
+    select = None
+    if expression is not None:
+        select, expr_errors = parse_expression(Source("<expression>", expression))
+        errors += expr_errors
+        if select is None and not expr_errors:
+            errors.append(Diagnostic("empty expression"))
+    if expression is not None and select is None:
+        raise RecipeError(errors)
+    return check([(prelude, prelude_program), (source, program)], overrides, errors, select=select)
+
+
+def compile_recipe(source: Source, sets=None, fingerprints: dict[str, str] | None = None,
+                   *, expression: str | None = None) -> Compiled:
+    """Check and plan a recipe (see :func:`check_recipe`)."""
+    checked = check_recipe(source, sets, expression=expression)
+    return Compiled(source, checked, build_plan(checked, fingerprints))

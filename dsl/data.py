@@ -1,0 +1,422 @@
+"""Reading pools and target sets, normalising records, writing selections.
+
+Containers: JSON Lines, a JSON array, Parquet, and a folder written by Hugging
+Face ``datasets.save_to_disk`` (read with pyarrow; ``datasets`` itself is not
+needed).  Record schemas, auto-detected from the first record and overridable:
+
+=================== ======================================================
+``alpaca``          ``instruction``, optional ``input``, ``output``
+                    (optional ``history``: earlier ``[user, assistant]`` turns)
+``prompt_completion`` ``prompt``, ``completion``
+``messages``        ``messages`` (or ``dialogs``): ``[{role, content}, ...]``
+``sharegpt``        ``conversations``: ``[{from, value}, ...]``
+``qa``              ``question``, ``answer`` (GSM8K style)
+``input_target``    ``input``, ``target`` (BIG-Bench style)
+=================== ======================================================
+
+Every record is normalised to ``{"instruction", "input", "output",
+"has_input", "messages"}``.  Multi-turn records are scored on their **last
+assistant turn**: ``output`` is that turn, ``messages`` holds every turn up to
+and including it, and ``instruction`` is the user turn just before it.
+
+A record's identity is the BLAKE2b hash of its canonical JSON, so results
+cached for a record are found again in any pool that contains it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from datasel.dsl.cache import HASH_BYTES
+
+SCHEMAS = ("alpaca", "prompt_completion", "messages", "sharegpt", "qa", "input_target")
+BAD_RECORD_POLICIES = ("fail", "skip")
+
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+
+
+class DataError(Exception):
+    """A problem with an input file, naming the file and, where known, the line."""
+
+
+class BadRecord(Exception):
+    """One record cannot be used; ``reason`` is a short category for the manifest."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Dataset:
+    """The usable records of one input file, with their identities."""
+
+    name: str
+    path: Path
+    container: str
+    schema: str
+    raw: list[dict]
+    records: list[dict]
+    positions: np.ndarray  # each record's position among the records of the file
+    lines: list[int | None]
+    raw_lines: list[bytes | None]
+    hashes: np.ndarray  # (n,) S16
+    fingerprint: str
+    total: int  # records in the file, including skipped ones
+    excluded: Counter = field(default_factory=Counter)
+    excluded_details: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def where(self, i: int) -> str:
+        """``file:line`` (or ``file, record N``) of record ``i``, for messages."""
+        line = self.lines[i]
+        return f"{self.path}:{line}" if line else f"{self.path}, record {int(self.positions[i])}"
+
+
+def record_hash(raw: dict) -> bytes:
+    """The content identity of a raw record (128-bit BLAKE2b of canonical JSON)."""
+    canonical = json.dumps(raw, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(canonical.encode("utf-8"), digest_size=HASH_BYTES).digest()
+
+
+def fingerprint_of(hashes: np.ndarray, schema: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(schema.encode())
+    h.update(np.ascontiguousarray(hashes).tobytes())
+    return h.hexdigest()
+
+
+def detect_schema(obj: dict) -> str | None:
+    """The schema a record's keys suggest, or None."""
+    if not isinstance(obj, dict):
+        return None
+    keys = set(obj)
+    if "messages" in keys or "dialogs" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if "instruction" in keys:
+        return "alpaca"
+    if {"question", "answer"} <= keys:
+        return "qa"
+    if {"input", "target"} <= keys:
+        return "input_target"
+    return None
+
+
+def _text(obj: dict, key: str, *, required: bool = True) -> str:
+    if key not in obj:
+        if required:
+            raise BadRecord("missing field", f"missing field {key!r}")
+        return ""
+    value = obj[key]
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise BadRecord("wrong type", f"field {key!r} should be a string, got {type(value).__name__}")
+    return value
+
+
+def _turns(items, role_key: str, content_key: str, role_map: dict | None) -> list[dict]:
+    if not isinstance(items, list) or not items:
+        raise BadRecord("missing field", "conversation is empty or not a list")
+    turns = []
+    for t in items:
+        if not isinstance(t, dict) or role_key not in t or content_key not in t:
+            raise BadRecord("malformed turn", f"each turn needs {role_key!r} and {content_key!r}")
+        role = t[role_key]
+        if role_map is not None:
+            if role not in role_map:
+                raise BadRecord("malformed turn", f"unknown speaker {role!r}")
+            role = role_map[role]
+        content = t[content_key]
+        if not isinstance(content, str):
+            content = json.dumps(content, ensure_ascii=False) if content is not None else ""
+        turns.append({"role": role, "content": content})
+    return turns
+
+
+def _from_turns(turns: list[dict]) -> dict:
+    last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
+    if last is None:
+        raise BadRecord("missing field", "conversation has no assistant turn")
+    kept = turns[: last + 1]
+    instruction = next((t["content"] for t in reversed(kept[:last]) if t["role"] == "user"), "")
+    return {"instruction": instruction, "input": "", "output": kept[last]["content"],
+            "has_input": False, "messages": kept}
+
+
+def normalize(obj, schema: str) -> dict:
+    """The normalised form of one raw record (raises :class:`BadRecord`)."""
+    if not isinstance(obj, dict):
+        raise BadRecord("not an object", f"expected a JSON object, got {type(obj).__name__}")
+    if schema == "alpaca":
+        instruction = _text(obj, "instruction")
+        has_input = "input" in obj
+        inp = _text(obj, "input", required=False)
+        output = _text(obj, "output")
+        messages = []
+        history = obj.get("history") or []
+        if history:
+            if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
+                raise BadRecord("malformed turn", "history must be a list of [user, assistant] pairs")
+            for user, assistant in history:
+                messages += [{"role": "user", "content": str(user)}, {"role": "assistant", "content": str(assistant)}]
+        user = instruction + ("\n\n" + inp if inp else "")
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        record = {"instruction": instruction, "input": inp, "output": output, "has_input": has_input,
+                  "messages": messages}
+    elif schema == "prompt_completion":
+        prompt, completion = _text(obj, "prompt"), _text(obj, "completion")
+        record = {"instruction": prompt, "input": "", "output": completion, "has_input": False,
+                  "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
+    elif schema == "messages":
+        items = obj.get("messages", obj.get("dialogs"))
+        record = _from_turns(_turns(items, "role", "content", None))
+    elif schema == "sharegpt":
+        record = _from_turns(_turns(obj.get("conversations"), "from", "value", _SHAREGPT_ROLES))
+    elif schema == "qa":
+        q, a = _text(obj, "question"), _text(obj, "answer")
+        record = {"instruction": q, "input": "", "output": a, "has_input": False,
+                  "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    elif schema == "input_target":
+        q, a = _text(obj, "input"), _text(obj, "target")
+        record = {"instruction": q, "input": "", "output": a, "has_input": False,
+                  "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    else:
+        raise ValueError(f"unknown schema {schema!r}; known: {', '.join(SCHEMAS)}")
+    if not record["output"].strip():
+        raise BadRecord("empty response", "the response is empty")
+    return record
+
+
+# ------------------------------------------------------------------ readers
+def _read_jsonl(path: Path):
+    """Yield (position, line number, raw bytes, parsed object or BadRecord)."""
+    data = path.read_bytes()
+    position = 0
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        raw = raw.rstrip(b"\r")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield position, number, raw, BadRecord(
+                "not UTF-8", f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+            )
+            position += 1
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield position, number, raw, BadRecord("malformed JSON", f"malformed JSON: {exc.msg} at column {exc.colno}")
+        else:
+            yield position, number, raw, obj
+        position += 1
+
+
+def _read_json_array(path: Path):
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 (byte offset {exc.start})") from None
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}") from None
+    if isinstance(items, dict):
+        # A single object holding one list (e.g. {"data": [...]}) is accepted.
+        lists = [v for v in items.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a JSON array of records")
+        items = lists[0]
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON array of records")
+    for position, obj in enumerate(items):
+        yield position, None, None, obj
+
+
+def _read_arrow_table(table):
+    for position, obj in enumerate(table.to_pylist()):
+        yield position, None, None, obj
+
+
+def _read_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read Parquet: {exc}") from None
+    yield from _read_arrow_table(table)
+
+
+def _read_hf_folder(path: Path):
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    if (path / "dataset_dict.json").exists():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        split = "train" if "train" in splits else (splits[0] if splits else None)
+        if split is None:
+            raise DataError(f"{path}: dataset_dict.json lists no splits")
+        path = path / split
+    state_file = path / "state.json"
+    if state_file.exists():
+        files = [path / f["filename"] for f in json.loads(state_file.read_text()).get("_data_files", [])]
+    else:
+        files = sorted(path.glob("*.arrow"))
+    if not files:
+        raise DataError(f"{path}: no .arrow files (is this a `datasets.save_to_disk` folder?)")
+    tables = []
+    for f in files:
+        try:
+            with pa.memory_map(str(f)) as source:
+                try:
+                    tables.append(ipc.open_stream(source).read_all())
+                except pa.ArrowInvalid:
+                    tables.append(ipc.open_file(source).read_all())
+        except Exception as exc:
+            raise DataError(f"{f}: cannot read Arrow data: {exc}") from None
+    yield from _read_arrow_table(pa.concat_tables(tables))
+
+
+def container_of(path: Path) -> str:
+    if path.is_dir():
+        return "hf"
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix == ".json":
+        # Many ".json" files are really JSON Lines; peek at the first character.
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+        return "json" if head.startswith(b"[") or (head.startswith(b"{") and b"\n{" not in head and _single_object(path)) else "jsonl"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    raise DataError(f"{path}: unknown file type {suffix!r} (expected .jsonl, .json, .parquet or a datasets folder)")
+
+
+def _single_object(path: Path) -> bool:
+    try:
+        json.loads(path.read_bytes())
+        return True
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def load_dataset(path: str | Path, *, name: str = "pool", schema: str | None = None,
+                 on_bad_record: str = "fail") -> Dataset:
+    """Read and normalise a dataset.
+
+    ``on_bad_record="fail"`` raises :class:`DataError` at the first unusable
+    record (naming the file, line and problem); ``"skip"`` leaves it out and
+    counts it by reason in ``Dataset.excluded``.
+    """
+    path = Path(path)
+    if on_bad_record not in BAD_RECORD_POLICIES:
+        raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}")
+    if schema is not None and schema not in SCHEMAS:
+        raise DataError(f"unknown record format {schema!r}; known: {', '.join(SCHEMAS)}")
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    container = container_of(path)
+    reader = {"jsonl": _read_jsonl, "json": _read_json_array, "parquet": _read_parquet, "hf": _read_hf_folder}[container]
+
+    raw, records, positions, lines, raw_lines, hashes = [], [], [], [], [], []
+    excluded: Counter = Counter()
+    details: list[dict] = []
+    total = 0
+    for position, line, raw_bytes, obj in reader(path):
+        total += 1
+        where = f"{path}:{line}" if line else f"{path}, record {position}"
+        try:
+            if isinstance(obj, BadRecord):
+                raise obj
+            if schema is None:
+                schema = detect_schema(obj)
+                if schema is None:
+                    keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
+                    raise DataError(
+                        f"{where}: cannot tell the record format from its fields ({keys}); "
+                        f"expected one of {', '.join(SCHEMAS)} (see --pool-format)"
+                    )
+            record = normalize(obj, schema)
+        except BadRecord as bad:
+            if on_bad_record == "fail":
+                raise DataError(f"{where}: {bad.detail} (use --on-bad-record skip to skip such records)") from None
+            excluded[bad.reason] += 1
+            details.append({"position": position, "line": line, "reason": bad.reason, "detail": bad.detail})
+            continue
+        raw.append(obj)
+        records.append(record)
+        positions.append(position)
+        lines.append(line)
+        raw_lines.append(raw_bytes)
+        hashes.append(record_hash(obj))
+    if not records:
+        raise DataError(f"{path}: no usable records" + (f" ({sum(excluded.values())} skipped)" if excluded else ""))
+    hash_array = np.frombuffer(b"".join(hashes), dtype=f"S{HASH_BYTES}").copy()
+    return Dataset(
+        name=name, path=path, container=container, schema=schema, raw=raw, records=records,
+        positions=np.asarray(positions, dtype=np.int64), lines=lines, raw_lines=raw_lines,
+        hashes=hash_array, fingerprint=fingerprint_of(hash_array, schema), total=total,
+        excluded=excluded, excluded_details=details,
+    )
+
+
+def write_selection(dataset: Dataset, indices, out: str | Path) -> Path:
+    """Write the records at ``indices`` (in that order) in the input's own format.
+
+    JSON Lines inputs are copied line for line (byte-identical records); JSON
+    arrays and Parquet are rewritten in the same container; a ``datasets``
+    folder is written as JSON Lines, or Parquet when ``out`` ends in .parquet.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    indices = [int(i) for i in indices]
+    container = dataset.container
+    if container == "hf":
+        container = "parquet" if out.suffix.lower() in (".parquet", ".pq") else "jsonl"
+    tmp = out.with_name(out.name + ".tmp")
+    if container == "jsonl":
+        with open(tmp, "wb") as f:
+            for i in indices:
+                line = dataset.raw_lines[i]
+                if line is None:
+                    line = json.dumps(dataset.raw[i], ensure_ascii=False).encode("utf-8")
+                f.write(line + b"\n")
+    elif container == "json":
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump([dataset.raw[i] for i in indices], f, ensure_ascii=False, indent=2)
+            f.write("\n")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist([dataset.raw[i] for i in indices]), tmp)
+    tmp.replace(out)
+    return out

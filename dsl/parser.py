@@ -1,0 +1,310 @@
+"""Recipe text -> syntax tree, with every syntax error reported at once.
+
+A recipe is split into statements first (a statement starts at column 1 with a
+name or ``select``; every other non-blank line continues the statement above).
+Each statement is then parsed on its own by the Lark grammar in
+``grammars/datasel.lark``, so a missing ``)`` in one statement is reported and
+the others are still parsed and checked.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import re
+from fractions import Fraction
+
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from datasel.dsl import ast
+from datasel.dsl.diagnostics import Diagnostic, Source, Span
+
+# Words for Lark's terminal names, so that errors read "expected ')'" and not "RPAR".
+TERMINAL_WORDS = {
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "PERCENT": "a percentage",
+    "STRING": "a string",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "LSQB": "'['",
+    "RSQB": "']'",
+    "COMMA": "','",
+    "EQUAL": "'='",
+    "VBAR": "'|'",
+    "AMPERSAND": "'&'",
+    "PLUS": "'+'",
+    "MINUS": "'-'",
+    "STAR": "'*'",
+    "SLASH": "'/'",
+    "COMPARE": "a comparison",
+    "ARROW": "'->'",
+    "SELECT": "'select'",
+    "TRUE": "true",
+    "FALSE": "false",
+    "NONE": "none",
+    "OF": "'of'",
+    "POOL": "'pool'",
+    "$END": "the end of the statement",
+}
+_EXPRESSION_STARTS = {"NAME", "NUMBER", "STRING", "LPAR"}
+_OPERATORS = {"VBAR", "AMPERSAND", "PLUS", "MINUS", "STAR", "SLASH", "COMPARE"}
+_OPENERS = {"(": ")", "[": "]"}
+
+
+@functools.lru_cache(maxsize=1)
+def grammar() -> Lark:
+    """The compiled LALR parser for one statement (built once per process)."""
+    text = importlib.resources.files("datasel.grammars").joinpath("datasel.lark").read_text(encoding="utf-8")
+    return Lark(text, parser="lalr", start=["start", "expr"], propagate_positions=True, maybe_placeholders=False)
+
+
+_STATEMENT_START = re.compile(r"[A-Za-z_]")
+
+
+def split_statements(text: str) -> list[tuple[int, int]]:
+    """Character ranges of the statements in ``text`` (see the module docstring)."""
+    ranges: list[tuple[int, int]] = []
+    start = None
+    offset = 0
+    for line in text.splitlines(keepends=True):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            if start is None or _STATEMENT_START.match(line):
+                if start is not None:
+                    ranges.append((start, offset))
+                start = offset
+        offset += len(line)
+    if start is not None:
+        ranges.append((start, len(text)))
+    return ranges
+
+
+def parse(source: Source) -> tuple[ast.Program, list[Diagnostic]]:
+    """Parse every statement of ``source``; return the program and all syntax errors."""
+    program = ast.Program()
+    errors: list[Diagnostic] = []
+    for start, end in split_statements(source.text):
+        # Blank out everything before the statement (keeping newlines) so that
+        # Lark's line and column numbers are those of the whole file.
+        masked = re.sub(r"[^\n]", " ", source.text[:start]) + source.text[start:end]
+        try:
+            tree = grammar().parse(masked, start="start")
+        except UnexpectedInput as exc:
+            errors.append(_syntax_error(source, masked, start, end, exc))
+            name = re.match(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(?!=)", source.text[start:end])
+            if name and name.group(1) != "select":
+                program.broken_names.add(name.group(1))
+            continue
+        _Builder(source).statement(tree, program)
+    return program, errors
+
+
+def parse_expression(source: Source) -> tuple[ast.Expr | None, list[Diagnostic]]:
+    """Parse a lone expression (the right-hand side of ``--set NAME=EXPR``)."""
+    if not source.text.strip():
+        return None, [Diagnostic("empty expression", Span(source, 1, 1, 0, 0))]
+    try:
+        tree = grammar().parse(source.text, start="expr")
+    except UnexpectedInput as exc:
+        return None, [_syntax_error(source, source.text, 0, len(source.text), exc)]
+    return _Builder(source).expr(tree), []
+
+
+def _describe_expected(expected: set[str]) -> str:
+    expected = {e for e in expected if not e.startswith("__")}
+    words: list[str] = []
+    if _EXPRESSION_STARTS <= expected:
+        words.append("an expression")
+        expected -= _EXPRESSION_STARTS | {"LSQB", "MINUS", "PERCENT", "TRUE", "FALSE", "NONE"}
+    has_operators = bool(expected & _OPERATORS) and len(expected - _OPERATORS) > 0
+    if has_operators:
+        expected -= _OPERATORS
+    for name in sorted(expected, key=lambda e: (e == "$END", TERMINAL_WORDS.get(e, e))):
+        words.append(TERMINAL_WORDS.get(name, f"'{name.lower()}'"))
+    if has_operators:
+        words.append("an operator")
+    if not words:
+        return ""
+    if len(words) == 1:
+        return words[0]
+    return ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _describe_token(token: Token) -> str:
+    if token.type == "$END":
+        return "end of statement"
+    word = TERMINAL_WORDS.get(token.type)
+    if token.type in ("NAME", "NUMBER", "PERCENT", "STRING"):
+        return f"{word[2:] if word.startswith('a ') else word} {token.value}"
+    return f"'{token.value}'"
+
+
+def _unclosed_bracket(source: Source, start: int, end: int) -> Span | None:
+    """The innermost bracket opened in ``[start, end)`` and never closed."""
+    stack: list[int] = []
+    text = source.text
+    i = start
+    while i < end:
+        ch = text[i]
+        if ch == "#":
+            nl = text.find("\n", i, end)
+            i = end if nl == -1 else nl
+            continue
+        if ch == '"':
+            i += 1
+            while i < end and text[i] not in '"\n':
+                i += 2 if text[i] == "\\" else 1
+        elif ch in _OPENERS:
+            stack.append(i)
+        elif ch in ")]" and stack:
+            stack.pop()
+        i += 1
+    if not stack:
+        return None
+    pos = stack[-1]
+    return _span_at(source, pos, pos + 1)
+
+
+def _span_at(source: Source, start: int, end: int) -> Span:
+    line = source.text.count("\n", 0, start) + 1
+    column = start - (source.text.rfind("\n", 0, start) + 1) + 1
+    return Span(source, line, column, start, end)
+
+
+def _syntax_error(source: Source, masked: str, start: int, end: int, exc: UnexpectedInput) -> Diagnostic:
+    at_end = isinstance(exc, UnexpectedEOF) or (
+        isinstance(exc, UnexpectedToken) and exc.token.type == "$END"
+    )
+    if at_end:
+        last = len(masked.rstrip())
+        # Point just past the last character of the statement (skipping a trailing comment).
+        stmt = source.text[start:end]
+        code_end = start + len(re.sub(r"#[^\n]*", "", stmt).rstrip())
+        pos = max(start, min(last, code_end))
+        span = _span_at(source, max(start, pos - 1), pos) if pos > start else _span_at(source, start, start + 1)
+        span = Span(source, span.line, span.column + 1 if pos > start else span.column, pos, pos + 1)
+        message = "unexpected end of statement"
+        expected = set(getattr(exc, "expected", None) or ())
+    elif isinstance(exc, UnexpectedToken):
+        token = exc.token
+        span = Span(source, token.line, token.column, token.start_pos, token.end_pos)
+        message = f"unexpected {_describe_token(token)}"
+        expected = set(exc.expected or ())
+    elif isinstance(exc, UnexpectedCharacters):
+        pos = exc.pos_in_stream
+        ch = masked[pos]
+        span = _span_at(source, pos, pos + 1)
+        message = f"unexpected character {ch!r}"
+        if ch == "'":
+            message += " (strings use double quotes)"
+        expected = set(exc.allowed or ())
+    else:  # pragma: no cover - Lark raises only the three above
+        span = _span_at(source, start, start + 1)
+        message = str(exc)
+        expected = set()
+    described = _describe_expected(expected)
+    if described:
+        message += f"; expected {described}"
+    diagnostic = Diagnostic(message, span)
+    opener = _unclosed_bracket(source, start, end) if at_end or "')'" in described or "']'" in described else None
+    if opener is not None and (at_end or span.line != opener.line or True):
+        closer = _OPENERS[source.text[opener.start]]
+        diagnostic.notes.append((f"'{source.text[opener.start]}' opened here is never closed with '{closer}'", opener))
+    return diagnostic
+
+
+class _Builder:
+    """Turns one statement's Lark tree into :mod:`datasel.dsl.ast` nodes."""
+
+    def __init__(self, source: Source):
+        self.source = source
+
+    def span(self, item) -> Span:
+        if isinstance(item, Token):
+            return Span(self.source, item.line, item.column, item.start_pos, item.end_pos)
+        meta = item.meta
+        return Span(self.source, meta.line, meta.column, meta.start_pos, meta.end_pos)
+
+    def statement(self, tree: Tree, program: ast.Program) -> None:
+        if tree.data == "binding":
+            name_tok, expr = tree.children
+            program.bindings.append(
+                ast.Binding(str(name_tok), self.expr(expr), self.span(name_tok), self.source.name)
+            )
+        else:
+            (expr,) = tree.children
+            program.selects.append(ast.Select(self.expr(expr), self.span(tree)))
+
+    def expr(self, item) -> ast.Expr:
+        if isinstance(item, Token):  # a lone terminal only appears wrapped by a rule
+            raise AssertionError(f"unexpected token {item!r}")
+        rule = item.data
+        span = self.span(item)
+        kids = item.children
+        if rule == "number":
+            return ast.Number(span, _fraction(str(kids[0])))
+        if rule in ("percent", "percent_of_pool"):
+            return ast.Percent(span, _fraction(str(kids[0])[:-1]) / 100, rule == "percent_of_pool")
+        if rule == "string":
+            return ast.String(span, _unescape(str(kids[0])))
+        if rule in ("true", "false"):
+            return ast.Bool(span, rule == "true")
+        if rule == "none":
+            return ast.NoneLit(span)
+        if rule == "name":
+            return ast.Name(span, str(kids[0]))
+        if rule == "call":
+            call = ast.Call(span, str(kids[0]), self.span(kids[0]))
+            if len(kids) > 1:
+                for arg in kids[1].children:
+                    if isinstance(arg, Tree) and arg.data == "kwarg":
+                        call.kwargs.append(ast.Keyword(str(arg.children[0]), self.expr(arg.children[1]), self.span(arg.children[0])))
+                    elif isinstance(arg, Tree) and arg.data == "lambda":
+                        param, _, body = arg.children
+                        call.args.append(ast.Lambda(self.span(arg), str(param), self.span(param), self.expr(body)))
+                    else:
+                        call.args.append(self.expr(arg))
+            return call
+        if rule == "list":
+            items = [self.expr(c) for c in kids[0].children] if kids else []
+            return ast.ListLit(span, items)
+        if rule == "neg":
+            return ast.Neg(span, self.expr(kids[1]))
+        if rule in ("pipe", "intersect"):
+            left, right = kids
+            op = "|" if rule == "pipe" else "&"
+            return ast.BinOp(span, op, self.expr(left), self.expr(right), self._op_span(left, right, op))
+        if rule in ("add", "sub", "mul", "div", "compare"):
+            left, op_tok, right = kids
+            return ast.BinOp(span, str(op_tok), self.expr(left), self.expr(right), self.span(op_tok))
+        raise AssertionError(f"unhandled rule {rule}")
+
+    def _op_span(self, left, right, op: str) -> Span:
+        # Anonymous operator tokens are filtered out of the tree; find the text between operands.
+        lo = self.span(left).end
+        hi = self.span(right).start
+        pos = self.source.text.find(op, lo, hi)
+        pos = lo if pos == -1 else pos
+        return _span_at(self.source, pos, pos + 1)
+
+
+def _fraction(text: str) -> Fraction:
+    return Fraction(text)
+
+
+def _unescape(token: str) -> str:
+    body = token[1:-1]
+    out = []
+    i = 0
+    escapes = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
+    while i < len(body):
+        ch = body[i]
+        if ch == "\\" and i + 1 < len(body):
+            out.append(escapes.get(body[i + 1], "\\" + body[i + 1]))
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)

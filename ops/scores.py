@@ -1,0 +1,162 @@
+"""Cheap per-record scores and score transforms."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from datasel.ops.registry import Kind, Param, op
+
+TEXT_FIELDS = ("instruction", "input", "output", "prompt", "all")
+_WORD = re.compile(r"\S+")
+
+
+def record_text(record: dict, field: str) -> str:
+    """One field of a normalised record; ``prompt`` = instruction + input, ``all`` = everything."""
+    if field == "prompt":
+        return record["instruction"] + ("\n" + record["input"] if record["input"] else "")
+    if field == "all":
+        if len(record["messages"]) > 2:
+            return "\n".join(m["content"] for m in record["messages"])
+        parts = [record["instruction"], record["input"], record["output"]]
+        return "\n".join(p for p in parts if p)
+    return record[field]
+
+
+@op("length", [Param("field", Kind.STRING, "output", doc="which text to measure", choices=TEXT_FIELDS),
+               Param("unit", Kind.STRING, "chars", doc="chars or words (whitespace-separated)",
+                     choices=("chars", "words"))],
+    Kind.SCORES, role="map", version="1", chunk_rows=65536)
+def length(ctx, idx, field="output", unit="chars"):
+    """Length of a record's text in characters or whitespace-separated words.
+
+    ``field`` is ``output`` (the response; default), ``instruction``,
+    ``input``, ``prompt`` (instruction + input) or ``all``.
+    """
+    texts = (record_text(r, field) for r in ctx.records(idx))
+    if unit == "words":
+        return np.fromiter((len(_WORD.findall(t)) for t in texts), dtype=np.float64, count=len(idx))
+    return np.fromiter((len(t) for t in texts), dtype=np.float64, count=len(idx))
+
+
+def _lookup(raw: dict, path: str):
+    value = raw
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return None
+    return value
+
+
+def _number(value) -> float:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return math.nan
+    return math.nan
+
+
+@op("field", [Param("name", Kind.STRING, doc="field name; dots reach into nested objects (a.b.0)")],
+    Kind.SCORES, role="map", version="1", chunk_rows=65536)
+def field_(ctx, idx, name):
+    """A numeric field of the raw records as Scores (precomputed scores, ratings, ...).
+
+    Missing or non-numeric values become NaN: selectors leave such records
+    out and count them in the manifest.  Booleans are 0/1; numeric strings
+    are parsed.
+    """
+    return np.fromiter((_number(_lookup(r, name)) for r in ctx.raw(idx)), dtype=np.float64, count=len(idx))
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    return ~np.isnan(values)
+
+
+@op("rank", [Param("scores", Kind.SCORES, doc="values to rank"),
+             Param("normalize", Kind.BOOL, True, doc="scale ranks to [0, 1]")],
+    Kind.SCORES, role="scores", version="1")
+def rank(ctx, idx, scores, normalize=True):
+    """Ascending rank among the records it is evaluated on (ties get their average rank).
+
+    With ``normalize`` the lowest value gets 0 and the highest 1, which makes
+    ranks of differently scaled scores comparable (``0.7*rank(a) + 0.3*rank(b)``).
+    NaN stays NaN.
+    """
+    from scipy.stats import rankdata
+
+    values = np.asarray(scores.values(idx), dtype=np.float64)
+    out = np.full(values.shape, np.nan)
+    ok = _finite(values)
+    n = int(ok.sum())
+    if n:
+        r = rankdata(values[ok], method="average")
+        out[ok] = (r - 1) / (n - 1) if normalize and n > 1 else (np.zeros(n) if normalize else r)
+    return out
+
+
+@op("quantile", [Param("scores", Kind.SCORES, doc="values to transform")],
+    Kind.SCORES, role="scores", version="1")
+def quantile(ctx, idx, scores):
+    """Empirical quantile: the fraction of records (it is evaluated on) scoring at most this record's value.
+
+    Values are in (0, 1]; NaN stays NaN.  ``quantile(ppl) > 0.25 & quantile(ppl) < 0.75``
+    keeps the middle half.
+    """
+    values = np.asarray(scores.values(idx), dtype=np.float64)
+    out = np.full(values.shape, np.nan)
+    ok = _finite(values)
+    finite = np.sort(values[ok])
+    if len(finite):
+        out[ok] = np.searchsorted(finite, values[ok], side="right") / len(finite)
+    return out
+
+
+@op("zscore", [Param("scores", Kind.SCORES, doc="values to standardise")],
+    Kind.SCORES, role="scores", version="1")
+def zscore(ctx, idx, scores):
+    """(x − mean) / standard deviation over the records it is evaluated on (population std; 0 if constant)."""
+    values = np.asarray(scores.values(idx), dtype=np.float64)
+    out = np.full(values.shape, np.nan)
+    ok = _finite(values)
+    if ok.any():
+        v = values[ok]
+        std = v.std()
+        out[ok] = (v - v.mean()) / std if std > 0 else 0.0
+    return out
+
+
+@op("minmax", [Param("scores", Kind.SCORES, doc="values to rescale")],
+    Kind.SCORES, role="scores", version="1")
+def minmax(ctx, idx, scores):
+    """(x − min) / (max − min) over the records it is evaluated on (0 if constant); NaN stays NaN."""
+    values = np.asarray(scores.values(idx), dtype=np.float64)
+    out = np.full(values.shape, np.nan)
+    ok = _finite(values)
+    if ok.any():
+        v = values[ok]
+        span = v.max() - v.min()
+        out[ok] = (v - v.min()) / span if span > 0 else 0.0
+    return out
+
+
+@op("abs", [Param("scores", Kind.SCORES, doc="values")], Kind.SCORES, role="scores", version="1")
+def abs_(ctx, idx, scores):
+    """Absolute value."""
+    return np.abs(np.asarray(scores.values(idx), dtype=np.float64))
+
+
+@op("count", [Param("selection", Kind.SELECTOR, doc="a selection (taken from the whole pool)")],
+    Kind.NUMBER, role="value", version="1")
+def count(ctx, selection):
+    """The number of records in a selection (e.g. the current selection inside ``iterate``)."""
+    return len(selection)

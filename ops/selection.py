@@ -1,0 +1,104 @@
+"""General selectors: top/bottom by score, random, even-stride sampling, iteration."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from datasel.ops.registry import Budget, Kind, Param, op
+
+
+def scored_rows(ctx, subset: np.ndarray, scores, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of ``subset`` that have a score, and those scores; NaN rows are counted as excluded."""
+    values = np.asarray(scores.values(subset), dtype=np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"{what} needs one number per record, got an array of shape {values.shape}")
+    nan = np.isnan(values)
+    if nan.any():
+        ctx.exclude(f"no score ({scores.label}) in {what}", subset[nan])
+    return subset[~nan], values[~nan]
+
+
+def order_by_score(rows: np.ndarray, values: np.ndarray, descending: bool) -> np.ndarray:
+    """``rows`` sorted by score; ties keep pool order (lowest index first)."""
+    key = -values if descending else values
+    return rows[np.lexsort((rows, key))]
+
+
+@op("topk", [Param("scores", Kind.SCORES, doc="what to rank by"),
+             Param("k", Kind.BUDGET, doc="how many to keep: a count, P% of the input, or P% of pool")],
+    Kind.SELECTOR, role="selector", version="1")
+def topk(ctx, subset, scores, k: Budget):
+    """Keep the k records with the highest scores.
+
+    Records without a score (NaN) are left out and counted in the manifest.
+    Ties are broken by pool order (the earlier record wins), and the selection
+    is in descending score order.  Under a partition, k applies per group.
+    """
+    rows, values = scored_rows(ctx, subset, scores, "topk")
+    n = k.resolve(len(subset), ctx.n_pool)
+    return order_by_score(rows, values, descending=True)[:n]
+
+
+@op("bottomk", [Param("scores", Kind.SCORES, doc="what to rank by"),
+                Param("k", Kind.BUDGET, doc="how many to keep")],
+    Kind.SELECTOR, role="selector", version="1")
+def bottomk(ctx, subset, scores, k: Budget):
+    """Keep the k records with the lowest scores (ascending order, ties by pool order).
+
+    Records without a score (NaN) are left out and counted in the manifest.
+    """
+    rows, values = scored_rows(ctx, subset, scores, "bottomk")
+    n = k.resolve(len(subset), ctx.n_pool)
+    return order_by_score(rows, values, descending=False)[:n]
+
+
+@op("random", [Param("k", Kind.BUDGET, doc="how many to keep"),
+               Param("seed", Kind.NUMBER, 0, doc="random seed")],
+    Kind.SELECTOR, role="selector", version="1")
+def random_(ctx, subset, k: Budget, seed=0):
+    """Keep k records drawn uniformly without replacement (numpy PCG64 with ``seed``).
+
+    The draw depends only on the input rows and the seed, so it is
+    reproducible; the selection is in draw order.
+    """
+    n = k.resolve(len(subset), ctx.n_pool)
+    rng = np.random.default_rng(int(seed))
+    return subset[rng.permutation(len(subset))[:n]]
+
+
+@op("sample", [Param("k", Kind.BUDGET, doc="how many to keep"),
+               Param("how", Kind.STRING, "stride", doc="stride: evenly spaced in pool order; random: uniform",
+                     choices=("stride", "random")),
+               Param("seed", Kind.NUMBER, 0, doc="random seed (how=\"random\")")],
+    Kind.SELECTOR, role="selector", version="1")
+def sample(ctx, subset, k: Budget, how="stride", seed=0):
+    """Keep k records spread evenly over the input (CherryLLM's per-cluster rule).
+
+    ``how="stride"`` takes every ⌊n/k⌋-th record in pool order and truncates
+    to k; an input smaller than k is kept whole.  ``how="random"`` is the same
+    as ``random(k, seed)``.
+    """
+    n = k.resolve(len(subset), ctx.n_pool)
+    if how == "random":
+        return subset[np.random.default_rng(int(seed)).permutation(len(subset))[:n]]
+    if n == 0:
+        return subset[:0]
+    step = max(1, len(subset) // n)
+    return subset[::step][:n]
+
+
+@op("iterate", [Param("init", Kind.SELECTOR, doc="the selection to start from"),
+                Param("rounds", Kind.NUMBER, doc="how many times to apply step"),
+                Param("step", Kind.FUNCTION, doc="cur -> the next selection, given the current one")],
+    Kind.SELECTOR, role="selector", version="1", applied=("init",), lambda_kind=Kind.SELECTOR,
+    lambda_result=Kind.SELECTOR)
+def iterate(ctx, subset, init, rounds, step):
+    """Repeat a step that depends on the current selection: cur = step(cur), ``rounds`` times.
+
+    ``iterate(random(100), 10, cur -> cur + kcenter(hidden(finetune(model, data=cur)), 100, given=cur))``
+    is DiverseEvol.  The function's parameter names the current selection.
+    Each round's nodes are cached under that round's selection, and every
+    finished round is cached, so an interrupted loop resumes where it stopped.
+    The engine runs this op itself (it needs to bind ``cur``).
+    """
+    raise AssertionError("iterate is evaluated by the engine")
