@@ -73,6 +73,8 @@ class Checked:
     types: dict[int, Type] = field(default_factory=dict)
     calls: dict[int, CallInfo] = field(default_factory=dict)
     implicit_calls: dict[int, OpSpec] = field(default_factory=dict)  # bare op names
+    implicit_args: dict[int, dict] = field(default_factory=dict)  # their synthesized arguments
+    expansions: dict[int, ast.Expr] = field(default_factory=dict)  # macro calls -> what they mean
     sources: list[Source] = field(default_factory=list)
 
     def type_of(self, expr: ast.Expr) -> Type:
@@ -102,6 +104,8 @@ class Checker:
         self.result_types: dict[int, Type] = {}
         self.calls: dict[int, CallInfo] = {}
         self.implicit: dict[int, OpSpec] = {}
+        self.implicit_args: dict[int, dict] = {}
+        self.expansions: dict[int, ast.Expr] = {}
 
     # ------------------------------------------------------------ utilities
     def error(self, message: str, span: Span | None, notes=()) -> None:
@@ -182,7 +186,9 @@ class Checker:
                 self.error(f"'{name}' is an operator that needs arguments ({required}); write {name}(...)", e.span)
                 return ANY
             self.implicit[id(e)] = spec
-            return self.call_result(spec, {}, e, scope)
+            args = self.default_refs(spec, {}, e.span)
+            self.implicit_args[id(e)] = args
+            return self.call_result(spec, args, e, scope)
         if name in PLANNED:
             self.error(f"'{name}' is not available yet: it arrives with {PLANNED[name]}", e.span)
             return ANY
@@ -325,9 +331,19 @@ class Checker:
         for p in params:
             if p.required and p.name not in args:
                 self.error(f"{spec.name} needs argument '{p.name}' ({kind_name(p.kind)})  (signature: {spec.signature()})", e.span)
+        args = self.default_refs(spec, args, e.func_span)
         info = CallInfo(spec, args)
         self.calls[id(e)] = info
         return self.call_result(spec, args, e, scope)
+
+    @staticmethod
+    def default_refs(spec: OpSpec, args: dict[str, ast.Expr], span: Span) -> dict[str, ast.Expr]:
+        """Fill parameters whose default names a binding (``model``) with that name."""
+        out = dict(args)
+        for p in spec.params:
+            if p.name not in out and isinstance(p.default, reg.Ref):
+                out[p.name] = ast.Name(span, p.default.name)
+        return out
 
     def call_result(self, spec: OpSpec, args: dict[str, ast.Expr], e: ast.Expr, scope) -> Type:
         """Check the arguments of a (possibly implicit) call and return its type."""
@@ -364,6 +380,8 @@ class Checker:
                 if spec.role in ("selector", "partition") and t.dataset != "pool":
                     self.error(f"{spec.name} selects from the pool but {where} covers {t.dataset} ({_snippet(a)})", a.span)
                 per_record_dataset = per_record_dataset or t.dataset
+        if spec.role == "macro":
+            return self.expand(spec, args, e, scope)
         if spec.role == "map":
             data = args.get("data")
             dataset = data.id if isinstance(data, ast.Name) and data.id in DATASETS else "pool"
@@ -371,6 +389,43 @@ class Checker:
         if spec.result in reg.PER_RECORD:
             return Type(spec.result, per_record_dataset or "pool")
         return Type(spec.result)
+
+    def expand(self, spec: OpSpec, args: dict[str, ast.Expr], e: ast.Expr, scope) -> Type:
+        """Check a macro call by checking the expression it stands for."""
+        from datasel.dsl.parser import parse_expression
+
+        literals: dict[str, Any] = {}
+        for p in spec.params:
+            if p.name in args:
+                ok, value = literal_value(args[p.name])
+                literals[p.name] = value if ok else NOT_LITERAL
+            else:
+                literals[p.name] = p.default
+        try:
+            template = spec.expand(**literals)
+        except ValueError as exc:
+            self.error(f"{spec.name}: {exc}", e.span)
+            return ANY
+        placeholders = {}
+        text = template
+        for p in spec.params:
+            token = "{" + p.name + "}"
+            if token not in text:
+                continue
+            if p.name in args:
+                placeholders[f"__arg_{p.name}"] = args[p.name]
+                text = text.replace(token, f"__arg_{p.name}")
+            else:
+                text = text.replace(token, reg.format_value(p.default))
+        expr, errors = parse_expression(Source(f"<{spec.name}>", text))
+        if errors or expr is None:  # a bug in the macro, not in the recipe
+            raise AssertionError(f"macro {spec.name} expanded to invalid text {text!r}: {errors}")
+        expanded = _substitute(expr, placeholders, e.span)
+        t = self.expr(expanded, scope)
+        self.expansions[id(e)] = expanded
+        if t.kind is not Kind.ANY and not accepts(spec.result, t.kind):
+            raise AssertionError(f"macro {spec.name} declared {spec.result} but expands to {t.kind}")
+        return t
 
     @staticmethod
     def _is_keyword(e: ast.Expr, name: str) -> bool:
@@ -386,6 +441,39 @@ class Checker:
                 self.error(f"{spec.name}: a budget is a whole count or a percentage; got {_snippet(a)} (for a share write {pct}%)", a.span)
         if isinstance(a, ast.Neg) and isinstance(a.operand, ast.Number) and accepts(p.kind, Kind.BUDGET) and not accepts(p.kind, Kind.NUMBER):
             self.error(f"{spec.name}: a budget cannot be negative", a.span)
+
+
+class _NotLiteral:
+    """Passed to a macro for an argument that is not a literal."""
+
+    def __repr__(self) -> str:
+        return "<expression>"
+
+
+NOT_LITERAL = _NotLiteral()
+
+
+def _substitute(expr: ast.Expr, mapping: dict[str, ast.Expr], span: Span) -> ast.Expr:
+    """A copy of a macro expansion with placeholders replaced and positions moved to the call."""
+    import copy
+
+    if isinstance(expr, ast.Name) and expr.id in mapping:
+        return mapping[expr.id]
+    new = copy.copy(expr)
+    new.span = span
+    if isinstance(new, ast.Call):
+        new.func_span = span
+        new.args = [_substitute(a, mapping, span) for a in expr.args]
+        new.kwargs = [ast.Keyword(k.name, _substitute(k.value, mapping, span), span) for k in expr.kwargs]
+    elif isinstance(new, ast.BinOp):
+        new.left = _substitute(expr.left, mapping, span)
+        new.right = _substitute(expr.right, mapping, span)
+        new.op_span = span
+    elif isinstance(new, ast.Neg):
+        new.operand = _substitute(expr.operand, mapping, span)
+    elif isinstance(new, ast.ListLit):
+        new.items = [_substitute(i, mapping, span) for i in expr.items]
+    return new
 
 
 def merge_scopes(layers: list[tuple[Source, ast.Program]], overrides: dict[str, ast.Expr] | None,
@@ -456,6 +544,8 @@ def check(layers: list[tuple[Source, ast.Program]], overrides: dict[str, ast.Exp
         types=checker.result_types,
         calls=checker.calls,
         implicit_calls=checker.implicit,
+        implicit_args=checker.implicit_args,
+        expansions=checker.expansions,
         sources=[s for s, _ in layers],
     )
 

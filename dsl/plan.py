@@ -111,7 +111,11 @@ class Node:
             return f"compare {self.params['op']} {json.dumps(rhs) if 'rhs' in self.params else ''}".rstrip()
         if self.op == "arith":
             return f"arith {self.params['op']}"
-        shown = {k: v for k, v in self.params.items() if k != "data" or v != "pool"}
+        defaults = {}
+        if self.spec is not None:
+            defaults = {p.name: canonical(p.default) for p in self.spec.params if not p.required}
+        # Show what the recipe chose; defaults are in `datasel ops NAME` and the JSON plan.
+        shown = {k: v for k, v in self.params.items() if k not in defaults or defaults[k] != v}
         args = ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
         return f"{self.op}({args})" if args else self.op
 
@@ -228,6 +232,8 @@ class Planner:
 
     def value(self, e: ast.Expr, scope: dict[str, str]) -> str:
         """Plan an expression that is not applied to a set (scores, models, numbers...)."""
+        if id(e) in self.checked.expansions:
+            return self.name(self.value(self.checked.expansions[id(e)], scope), e)
         kind = self.kind(e)
         if kind in (Kind.SELECTOR, Kind.PARTITION):
             # A selection used as a value (given=, data=) is taken from the whole pool.
@@ -241,7 +247,7 @@ class Planner:
                 b = self.checked.bindings[e.id]
                 return self.name(self.value(b.expr, {}), b.expr)
             spec = self.checked.implicit_calls[id(e)]
-            return self.call(spec, {}, e, None, scope)
+            return self.call(spec, self.checked.implicit_args.get(id(e), {}), e, None, scope)
         if isinstance(e, ast.Call):
             info = self.checked.calls[id(e)]
             return self.call(info.spec, info.args, e, None, scope)
@@ -259,6 +265,8 @@ class Planner:
 
     def apply(self, e: ast.Expr, input_set: str, scope: dict[str, str]) -> str:
         """Plan a Selector or Partition expression applied to ``input_set``."""
+        if id(e) in self.checked.expansions:
+            return self.name(self.apply(self.checked.expansions[id(e)], input_set, scope), e)
         if isinstance(e, ast.Name):
             if e.id in scope:
                 var = scope[e.id]
@@ -269,7 +277,7 @@ class Planner:
                 b = self.checked.bindings[e.id]
                 return self.name(self.apply(b.expr, input_set, {}), b.expr)
             spec = self.checked.implicit_calls[id(e)]
-            return self.call(spec, {}, e, input_set, scope)
+            return self.call(spec, self.checked.implicit_args.get(id(e), {}), e, input_set, scope)
         if isinstance(e, ast.Call):
             info = self.checked.calls[id(e)]
             return self.call(info.spec, info.args, e, input_set, scope)

@@ -2,7 +2,8 @@
 
 Importing this package registers every operator (see :mod:`datasel.ops.registry`).
 One module per family; adding an operator is one declaration in one of them
-(or a new module listed here) plus its test.
+(or a new module listed here) plus its test.  The algorithms themselves live in
+:mod:`datasel.ops.algos` as plain functions on arrays and models.
 """
 
-from datasel.ops import dedup, groups, scores, selection  # noqa: F401
+from datasel.ops import dedup, diversity, groups, lm, models, scores, selection  # noqa: F401

@@ -126,6 +126,19 @@ _MISSING = object()
 
 
 @dataclass(frozen=True)
+class Ref:
+    """A parameter default that names a binding, e.g. ``model``: resolved in the recipe's scope.
+
+    ``--set model=...`` therefore changes every operator whose model defaults to ``model``.
+    """
+
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
 class Param:
     """One declared parameter of an operator."""
 
@@ -158,6 +171,8 @@ def format_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, Budget):
         return value.canonical()
+    if isinstance(value, Ref):
+        return value.name
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(format_value(v) for v in value) + "]"
     if isinstance(value, float) and value.is_integer():
@@ -181,6 +196,7 @@ class OpSpec:
     chunk_rows: int = 4096
     columns: tuple[str, ...] = ("value",)
     key_fn: Callable[..., str] | None = None
+    expand: Callable[..., str] | None = None
     extra: dict = field(default_factory=dict)
 
     def param(self, name: str) -> Param | None:
@@ -201,7 +217,7 @@ class OpSpec:
         return all(not p.required for p in self.params)
 
 
-ROLES = ("map", "scores", "selector", "partition", "value")
+ROLES = ("map", "scores", "selector", "partition", "value", "macro")
 
 _REGISTRY: dict[str, OpSpec] = {}
 
@@ -268,3 +284,25 @@ def registry() -> dict[str, OpSpec]:
 def get(name: str) -> OpSpec | None:
     """The declaration of op ``name``, or None."""
     return registry().get(name)
+
+
+def macro(name: str, params: Iterable[Param], result: Kind, *, version: str, family: str = "") -> Callable:
+    """Declare an operator defined by an expression over other operators.
+
+    The decorated function receives the call's literal arguments (defaults
+    filled in) and returns recipe text in which ``{param}`` stands for that
+    argument's expression.  The planner plans the expansion, so the pieces
+    are shared with every other use: ``ifd(model)`` and ``loss(model,
+    given="none")`` in one recipe compute the direct pass once.
+    """
+    params = tuple(params)
+
+    def register(fn: Callable) -> Callable:
+        if name in _REGISTRY:
+            raise ValueError(f"op {name!r} declared twice")
+        doc = textwrap.dedent(inspect.getdoc(fn) or "").strip()
+        _REGISTRY[name] = OpSpec(name=name, params=params, result=result, role="macro", version=version,
+                                 doc=doc, fn=fn, family=family or fn.__module__.rsplit(".", 1)[-1], expand=fn)
+        return fn
+
+    return register

@@ -160,3 +160,44 @@ def abs_(ctx, idx, scores):
 def count(ctx, selection):
     """The number of records in a selection (e.g. the current selection inside ``iterate``)."""
     return len(selection)
+
+
+@op("ratio", [Param("numerator", Kind.SCORES, doc="top"), Param("denominator", Kind.SCORES, doc="bottom")],
+    Kind.SCORES, role="scores", version="1")
+def ratio(ctx, idx, numerator, denominator):
+    """numerator / denominator, with NaN (excluded and counted by selectors) where the denominator is 0.
+
+    Plain ``a / b`` gives ±inf there; ratios of losses or perplexity drops
+    (IFD, learning percentage) use this so a degenerate row never ranks first.
+    """
+    a = np.asarray(numerator.values(idx), dtype=np.float64)
+    b = np.asarray(denominator.values(idx), dtype=np.float64)
+    out = np.full(a.shape, np.nan)
+    ok = (b != 0) & ~np.isnan(a) & ~np.isnan(b)
+    out[ok] = a[ok] / b[ok]
+    return out
+
+
+@op("exp", [Param("scores", Kind.SCORES, doc="values")], Kind.SCORES, role="scores", version="1")
+def exp(ctx, idx, scores):
+    """e to the power of each value (perplexity from a mean loss)."""
+    with np.errstate(over="ignore"):
+        return np.exp(np.asarray(scores.values(idx), dtype=np.float64))
+
+
+@op("log", [Param("scores", Kind.SCORES, doc="values")], Kind.SCORES, role="scores", version="1")
+def log(ctx, idx, scores):
+    """Natural logarithm (NaN for values ≤ 0)."""
+    v = np.asarray(scores.values(idx), dtype=np.float64)
+    out = np.full(v.shape, np.nan)
+    ok = v > 0
+    out[ok] = np.log(v[ok])
+    return out
+
+
+@op("column", [Param("scores", Kind.SCORES, doc="an operator with several outputs per record"),
+               Param("name", Kind.STRING, doc="which output")],
+    Kind.SCORES, role="scores", version="1")
+def column(ctx, idx, scores, name):
+    """One named output of a multi-output operator, e.g. ``column(loss(model), "count")`` (scored tokens)."""
+    return np.asarray(scores.column(name, idx), dtype=np.float64)

@@ -24,32 +24,72 @@ def order_by_score(rows: np.ndarray, values: np.ndarray, descending: bool) -> np
     return rows[np.lexsort((rows, key))]
 
 
+def _take(k: Budget, n_input: int, n_pool: int, chunks: str) -> int:
+    if chunks == "exact" or k.fraction is None:
+        return k.resolve(n_input, n_pool)
+    # Small2Large: sort, np.array_split into m = round(1/p) front-loaded chunks, keep the first.
+    m = max(1, round(1 / float(k.fraction))) if k.fraction > 0 else None
+    if m is None:
+        return 0
+    return -(-n_input // m) if n_input else 0
+
+
+_CHUNKS = Param("chunks", Kind.STRING, "exact",
+                doc="exact: ⌊P% × n⌋; array_split: the first of round(100/P) front-loaded chunks, "
+                    "⌈n / round(100/P)⌉ (Small2Large's rule, slightly over budget)",
+                choices=("exact", "array_split"))
+
+
 @op("topk", [Param("scores", Kind.SCORES, doc="what to rank by"),
-             Param("k", Kind.BUDGET, doc="how many to keep: a count, P% of the input, or P% of pool")],
+             Param("k", Kind.BUDGET, doc="how many to keep: a count, P% of the input, or P% of pool"),
+             _CHUNKS],
     Kind.SELECTOR, role="selector", version="1")
-def topk(ctx, subset, scores, k: Budget):
+def topk(ctx, subset, scores, k: Budget, chunks="exact"):
     """Keep the k records with the highest scores.
 
     Records without a score (NaN) are left out and counted in the manifest.
     Ties are broken by pool order (the earlier record wins), and the selection
     is in descending score order.  Under a partition, k applies per group.
+    A percentage counts the records that reach the selector, scored or not.
     """
     rows, values = scored_rows(ctx, subset, scores, "topk")
-    n = k.resolve(len(subset), ctx.n_pool)
+    n = _take(k, len(subset), ctx.n_pool, chunks)
     return order_by_score(rows, values, descending=True)[:n]
 
 
 @op("bottomk", [Param("scores", Kind.SCORES, doc="what to rank by"),
-                Param("k", Kind.BUDGET, doc="how many to keep")],
+                Param("k", Kind.BUDGET, doc="how many to keep"),
+                _CHUNKS],
     Kind.SELECTOR, role="selector", version="1")
-def bottomk(ctx, subset, scores, k: Budget):
+def bottomk(ctx, subset, scores, k: Budget, chunks="exact"):
     """Keep the k records with the lowest scores (ascending order, ties by pool order).
 
     Records without a score (NaN) are left out and counted in the manifest.
+    ``chunks="array_split"`` reproduces Small2Large's per-cluster rule.
     """
     rows, values = scored_rows(ctx, subset, scores, "bottomk")
-    n = k.resolve(len(subset), ctx.n_pool)
+    n = _take(k, len(subset), ctx.n_pool, chunks)
     return order_by_score(rows, values, descending=False)[:n]
+
+
+@op("band", [Param("scores", Kind.SCORES, doc="values"),
+             Param("lo", Kind.NUMBER, 25, doc="lower percentile (0-100)"),
+             Param("hi", Kind.NUMBER, 75, doc="upper percentile (0-100)")],
+    Kind.SELECTOR, role="selector", version="1")
+def band(ctx, subset, scores, lo=25, hi=75):
+    """Keep the records whose score lies between the lo-th and hi-th percentiles of the input (inclusive).
+
+    Percentiles use linear interpolation (numpy's default) over the scored
+    records that reach the selector, so under a partition the band is per
+    group (CherryLLM's middle-perplexity band per cluster).  Pool order.
+    """
+    if not 0 <= lo <= hi <= 100:
+        raise ValueError(f"need 0 <= lo <= hi <= 100, got lo={lo}, hi={hi}")
+    rows, values = scored_rows(ctx, subset, scores, "band")
+    if len(rows) == 0:
+        return rows
+    low, high = np.percentile(values, [lo, hi])
+    return rows[(values >= low) & (values <= high)]
 
 
 @op("random", [Param("k", Kind.BUDGET, doc="how many to keep"),

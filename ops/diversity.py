@@ -1,0 +1,292 @@
+"""Embeddings and diversity: embed, k-means, nearest-to-centroid, k-center,
+facility location (with QDIT's quality term), NovelSelect, and reward scores.
+
+The selection algorithms live in :mod:`datasel.ops.algos` as plain array
+functions (exact lazy greedy, incremental k-center and NovelSelect, faiss
+k-means); these declarations adapt them to the language: they read the
+features of the records that reach them, map picks back to pool indices and
+report excluded rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from datasel.ops.algos import templates as T
+from datasel.ops.registry import Kind, Param, Ref, op
+
+TEXT_KINDS = tuple(T.TEXT_KINDS)
+
+
+# ------------------------------------------------------------------ embed
+@op("embed", [Param("encoder", Kind.MODEL, Ref("minilm"), doc="a sentence encoder (default: the prelude's minilm)"),
+              Param("text", Kind.STRING, "instruction_input", doc="what to embed", choices=TEXT_KINDS),
+              Param("normalize", Kind.BOOL, True, doc="L2-normalise the vectors"),
+              Param("max_length", Kind.NUMBER, None, doc="token limit (default: the encoder's own, 256 for MiniLM)"),
+              Param("batch", Kind.NUMBER, 64, doc="encoder batch size")],
+    Kind.FEATURES, role="map", version="1", chunk_rows=8192)
+def embed(ctx, idx, encoder, text="instruction_input", normalize=True, max_length=None, batch=64):
+    """Sentence embeddings of each record, cached per record.
+
+    ``text`` picks the rendering: ``instruction``, ``instruction_input``
+    (default), ``response``, ``whole`` (Superfiltering-D's instruction, input
+    and output), ``small2large`` (Small2Large's clustering text),
+    ``alpaca_prompt``, ``alpaca_full``, ``nuggets_full``.  Batches are sorted by
+    length (sentence-transformers' ``encode``).
+    """
+    model = encoder.load()
+    texts = [T.text_for(text, r) for r in ctx.records(idx)]
+    if max_length is not None:
+        model.max_seq_length = int(max_length)
+    vectors = model.encode(texts, batch_size=int(batch), normalize_embeddings=bool(normalize),
+                           convert_to_numpy=True, show_progress_bar=False)
+    return np.asarray(vectors, dtype=np.float32)
+
+
+def _features(features, subset: np.ndarray, what: str) -> np.ndarray:
+    X = np.asarray(features.values(subset), dtype=np.float32)
+    if X.ndim != 2:
+        raise ValueError(f"{what} needs one vector per record (Features), got shape {X.shape}")
+    if not np.isfinite(X).all():
+        raise ValueError(f"{what}: the features contain NaN or infinite values")
+    return X
+
+
+def _quality(ctx, quality, rows: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Quality values for ``rows``; rows without one are excluded (and counted)."""
+    q = np.asarray(quality.values(rows), dtype=np.float64)
+    nan = np.isnan(q)
+    if nan.any():
+        ctx.exclude(f"no quality score ({quality.label}) in {what}", rows[nan])
+    return rows[~nan], q[~nan]
+
+
+# ----------------------------------------------------------------- kmeans
+@op("kmeans", [Param("features", Kind.FEATURES, doc="vectors to cluster"),
+               Param("k", Kind.NUMBER, doc="number of clusters (capped at the number of records)"),
+               Param("seed", Kind.NUMBER, 0), Param("iters", Kind.NUMBER, 20),
+               Param("metric", Kind.STRING, "l2", doc="l2, or cosine (spherical k-means)", choices=("l2", "cosine")),
+               Param("n_init", Kind.NUMBER, 1, doc="restarts; the lowest inertia wins")],
+    Kind.PARTITION, role="partition", version="1", costly=True)
+def kmeans(ctx, subset, features, k, seed=0, iters=20, metric="l2", n_init=1):
+    """k-means clusters of the records that reach it (faiss; k-means++ initialisation).
+
+    Empty clusters are re-seeded by faiss during training; a cluster still
+    empty at the end is dropped, so the groups are numbered 0..k'−1.  With
+    fewer records than ``k`` every record is its own group.
+    """
+    from datasel.ops.algos.kmeans import kmeans as run_kmeans
+
+    if len(subset) == 0:
+        return np.zeros(0, dtype=np.int64)
+    k = int(k)
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    if k >= len(subset):
+        return np.arange(len(subset), dtype=np.int64)
+    X = _features(features, subset, "kmeans")
+    result = run_kmeans(X, k, seed=int(seed), iters=int(iters), metric=metric, n_init=int(n_init))
+    if result.empty_dropped:
+        ctx.warn(f"{result.empty_dropped} of {k} clusters ended empty and were dropped")
+    return result.labels
+
+
+@op("nearest", [Param("features", Kind.FEATURES, doc="vectors"),
+                Param("k", Kind.BUDGET, 1, doc="how many to keep"),
+                Param("metric", Kind.STRING, "l2", choices=("l2", "cosine"))],
+    Kind.SELECTOR, role="selector", version="1")
+def nearest(ctx, subset, features, k=None, metric="l2"):
+    """Keep the k records closest to the centroid (mean vector) of the records that reach it.
+
+    After a partition this is "the member nearest its cluster's centre":
+    ``kmeans(f, 100) | nearest(f)`` picks Nuggets-style anchors.  With
+    ``metric="cosine"`` rows and centroid are normalised first.  Ties go to
+    the earlier record.
+    """
+    from datasel.ops.registry import Budget
+
+    budget = k if isinstance(k, Budget) else Budget(count=1)
+    n = budget.resolve(len(subset), ctx.n_pool)
+    if n == 0 or len(subset) == 0:
+        return subset[:0]
+    X = _features(features, subset, "nearest").astype(np.float64)
+    if metric == "cosine":
+        X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+        centre = X.mean(axis=0)
+        centre /= max(np.linalg.norm(centre), 1e-12)
+        dist = 1.0 - X @ centre
+    else:
+        centre = X.mean(axis=0)
+        dist = ((X - centre) ** 2).sum(axis=1)
+    order = np.lexsort((subset, dist))
+    return subset[order[:n]]
+
+
+# ---------------------------------------------------------------- kcenter
+@op("kcenter", [Param("features", Kind.FEATURES, doc="vectors"),
+                Param("k", Kind.BUDGET, doc="how many to add"),
+                Param("given", Kind.SELECTOR, None, doc="records already selected: they are centres, never picked"),
+                Param("metric", Kind.STRING, "l2", doc="l2 on the raw vectors (DiverseEvol) or cosine",
+                      choices=("l2", "cosine")),
+                Param("seed", Kind.NUMBER, 0, doc="chooses the first centre when nothing is given")],
+    Kind.SELECTOR, role="selector", version="1", costly=True)
+def kcenter(ctx, subset, features, k, given=None, metric="l2", seed=0):
+    """Greedy k-center (farthest-first): each pick is the record farthest from every centre so far.
+
+    With ``given`` (e.g. the current selection inside ``iterate``), those
+    records are the initial centres, as in DiverseEvol's rounds and
+    experimental design.  Without it the first centre is drawn with ``seed``.
+    Ties go to the earlier record.  Exact incremental algorithm: one pass over
+    the candidates per pick.
+    """
+    from datasel.ops.algos.kcenter import kcenter as run_kcenter
+
+    rows, given_rows = _with_given(subset, given)
+    n = min(k.resolve(len(subset), ctx.n_pool), len(rows) - len(given_rows))
+    if n <= 0:
+        return subset[:0]
+    X = _features(features, rows, "kcenter")
+    given_pos = np.searchsorted(rows, given_rows)
+    candidates = np.setdiff1d(np.searchsorted(rows, subset), given_pos)
+    result = run_kcenter(X, n, given=given_pos if len(given_pos) else None, candidates=candidates,
+                         metric=metric, seed=int(seed))
+    return rows[result.order]
+
+
+def _with_given(subset: np.ndarray, given) -> tuple[np.ndarray, np.ndarray]:
+    """Rows to load features for (subset ∪ given, sorted) and the given rows."""
+    if given is None:
+        return subset, np.zeros(0, dtype=np.int64)
+    given_rows = np.unique(np.asarray(given.indices, dtype=np.int64))
+    return np.union1d(subset, given_rows), given_rows
+
+
+# --------------------------------------------------------------- facility
+@op("facility", [Param("features", Kind.FEATURES, doc="vectors"),
+                 Param("k", Kind.BUDGET, doc="how many to pick"),
+                 Param("kernel", Kind.STRING, "cosine",
+                       doc="cosine = max(cos, 0); rbf = exp(−gamma‖x−y‖²); euclid_exp = exp(−‖x−y‖/d) "
+                           "(Superfiltering-D)", choices=("cosine", "rbf", "euclid_exp")),
+                 Param("quality", Kind.SCORES, None, doc="per-record quality for QDIT's (1−α)·FL + α·Σq"),
+                 Param("alpha", Kind.NUMBER, 0.0, doc="weight of the quality term, 0..1"),
+                 Param("knn", Kind.NUMBER, None, doc="sparse variant: each record counts only its knn most "
+                                                      "similar records (for pools past ~40k)"),
+                 Param("optimizer", Kind.STRING, "lazy", doc="lazy (exact) or stochastic",
+                       choices=("lazy", "stochastic")),
+                 Param("epsilon", Kind.NUMBER, 0.01, doc="stochastic greedy's ε"),
+                 Param("gamma", Kind.NUMBER, None, doc="rbf width (default 1/d)"),
+                 Param("given", Kind.SELECTOR, None, doc="records already selected (they count as covered)"),
+                 Param("seed", Kind.NUMBER, 0)],
+    Kind.SELECTOR, role="selector", version="1", costly=True)
+def facility(ctx, subset, features, k, kernel="cosine", quality=None, alpha=0.0, knn=None, optimizer="lazy",
+             epsilon=0.01, gamma=None, given=None, seed=0):
+    """Facility location: pick records so that every record has a similar pick (greedy, in pick order).
+
+    Maximises Σ_v max_{a∈S} s(v, a) over the records that reach it, with
+    exact lazy greedy (identical picks to the plain greedy, ties to the earlier
+    record).  ``quality`` + ``alpha`` give QDIT's (1−α)·FL + α·Σ q; normalise
+    the quality first (``minmax(...)``) when its scale differs from FL's.
+    ``knn`` switches to the sparse objective for large pools; ``optimizer=
+    "stochastic"`` trades exactness for speed.
+    """
+    from datasel.ops.algos.facility import facility_location
+
+    rows = subset
+    q = None
+    if quality is not None and float(alpha) > 0:
+        rows, q = _quality(ctx, quality, subset, "facility")
+    rows_all, given_rows = _with_given(rows, given)
+    n = min(k.resolve(len(subset), ctx.n_pool), len(rows_all) - len(given_rows))
+    if n <= 0:
+        return subset[:0]
+    X = _features(features, rows_all, "facility")
+    candidates = np.setdiff1d(np.searchsorted(rows_all, rows), np.searchsorted(rows_all, given_rows))
+    q_all = None
+    if q is not None:
+        q_all = np.zeros(len(rows_all))
+        q_all[np.searchsorted(rows_all, rows)] = q
+    result = facility_location(
+        X, n, kernel=kernel, gamma=None if gamma is None else float(gamma), quality=q_all, alpha=float(alpha),
+        knn=None if knn is None else int(knn), optimizer=optimizer, epsilon=float(epsilon), seed=int(seed),
+        given=np.searchsorted(rows_all, given_rows) if len(given_rows) else None, candidates=candidates,
+    )
+    return rows_all[result.order]
+
+
+# --------------------------------------------------------------- novelsum
+@op("novelsum", [Param("features", Kind.FEATURES, doc="vectors (normalised internally for distances)"),
+                 Param("k", Kind.BUDGET, doc="how many to pick"),
+                 Param("alpha", Kind.NUMBER, 1.0, doc="proximity weighting: the r-th nearest counts 1/r^alpha"),
+                 Param("beta", Kind.NUMBER, 0.5, doc="density power"),
+                 Param("knn", Kind.NUMBER, 10, doc="neighbours for the density estimate"),
+                 Param("density", Kind.STRING, "sum",
+                       doc="sum = σi+σj (the selection code); row = σi (the metric); product = σi·σj",
+                       choices=("sum", "row", "product")),
+                 Param("quality", Kind.SCORES, None, doc="multiply each candidate's value by a quality score"),
+                 Param("seed", Kind.NUMBER, 42, doc="draws the first pick")],
+    Kind.SELECTOR, role="selector", version="1", costly=True)
+def novelsum(ctx, subset, features, k, alpha=1.0, beta=0.5, knn=10, density="sum", quality=None, seed=42):
+    """NovelSelect: greedily add the record with the largest density-weighted, proximity-weighted novelty.
+
+    Published defaults (k neighbours 10, β 0.5, α 1, seed 42, first pick at
+    random).  The density σ comes from the raw vectors' k nearest neighbours
+    among the records that reach it; distances are cosine distances.  The
+    NovelSum metric scales by σ_i while the published selection code uses
+    σ_i + σ_j: ``density`` chooses.  Exact incremental algorithm.
+    """
+    from datasel.ops.algos.novelsum import density as run_density
+    from datasel.ops.algos.novelsum import novelselect
+
+    rows = subset
+    q = None
+    if quality is not None:
+        rows, q = _quality(ctx, quality, subset, "novelsum")
+    n = min(k.resolve(len(subset), ctx.n_pool), len(rows))
+    if n <= 0:
+        return subset[:0]
+    X = _features(features, rows, "novelsum")
+    sigma = run_density(X, K=min(int(knn), max(1, len(rows) - 1)), beta=float(beta))
+    result = novelselect(X, n, sigma=sigma, alpha=float(alpha), density_combine=density, quality=q, seed=int(seed))
+    return rows[result.order]
+
+
+# ----------------------------------------------------------------- reward
+@op("reward", [Param("model", Kind.MODEL, doc="a sequence-classification reward model, e.g. hf(\"path/to/rm\")"),
+               Param("format", Kind.STRING, "pair",
+                     doc="pair: tokenizer(prompt, response); chat: the tokenizer's chat template",
+                     choices=("pair", "chat")),
+               Param("max_length", Kind.NUMBER, 512), Param("batch", Kind.NUMBER, 16),
+               Param("label", Kind.NUMBER, 0, doc="which output logit is the reward")],
+    Kind.SCORES, role="map", version="1", chunk_rows=2048)
+def reward(ctx, idx, model, format="pair", max_length=512, batch=16, label=0):
+    """Reward-model score of each record's response (QDIT's quality), higher = better.
+
+    Loads the model with ``AutoModelForSequenceClassification``; the score is
+    logit ``label`` of the (prompt, response) pair.  Multi-turn records are
+    scored on their last assistant turn.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from datasel.ops.scores import record_text
+
+    clf, tok = model.load_as(AutoModelForSequenceClassification)
+    records = ctx.records(idx)
+    out = np.zeros(len(records), dtype=np.float64)
+    order = np.argsort([len(r["output"]) + len(r["instruction"]) for r in records], kind="stable")
+    device = next(clf.parameters()).device
+    with torch.inference_mode():
+        for start in range(0, len(order), int(batch)):
+            part = order[start : start + int(batch)]
+            if format == "chat":
+                texts = [tok.apply_chat_template(records[i]["messages"], tokenize=False) for i in part]
+                enc = tok(texts, padding=True, truncation=True, max_length=int(max_length), return_tensors="pt")
+            else:
+                prompts = [record_text(records[i], "prompt") for i in part]
+                answers = [records[i]["output"] for i in part]
+                enc = tok(prompts, answers, padding=True, truncation=True, max_length=int(max_length),
+                          return_tensors="pt")
+            logits = clf(**{k: v.to(device) for k, v in enc.items()}).logits
+            out[part] = logits[:, int(label)].float().cpu().numpy()
+            ctx.advance(len(part))
+    return out

@@ -1,0 +1,267 @@
+"""Language-model scoring: answer-only loss, perplexity, IFD, learning percentage,
+hidden-state features, generation uncertainty, and fine-tuning.
+
+Every scoring op runs the one batched sequence scorer
+(:mod:`datasel.ops.algos.seqscore`): context and answer tokenised separately
+(exact answer spans), the answer clipped to ``max_length − len(context)``,
+batches sorted by length, and only answer positions sent through the output
+layer.  The template is part of every cache key (it is a parameter).
+Records without a scorable answer token get NaN, which selectors leave out and
+count in the manifest.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from datasel.ops.algos import templates as T
+from datasel.ops.registry import Kind, Param, Ref, macro, op
+
+TEMPLATE_NAMES = tuple(T.TEMPLATES)
+TEXT_KINDS = tuple(T.TEXT_KINDS)
+
+
+def _model_param(doc: str = "the language model (default: the prelude's `model`)") -> Param:
+    return Param("model", Kind.MODEL, Ref("model"), doc)
+
+
+def _template_param(default: str = "alpaca") -> Param:
+    return Param("template", Kind.STRING, default, doc="prompt template (part of the cache key)",
+                 choices=TEMPLATE_NAMES)
+
+
+def _lm(model):
+    lm, tokenizer = model.load()
+    return lm, tokenizer
+
+
+# ----------------------------------------------------------------- loss
+@op("loss", [_model_param(),
+             Param("given", Kind.STRING, "prompt",
+                   doc="prompt: the answer given the rendered prompt; none: the answer alone (direct pass); "
+                       "header: the answer after the template's response header (Cherry v1's direct pass)",
+                   choices=("prompt", "none", "header")),
+             _template_param(),
+             Param("max_length", Kind.NUMBER, 512, doc="tokens; the answer is clipped to max_length − len(prompt)"),
+             Param("eos", Kind.BOOL, False, doc="score an EOS token after the answer (SFT-style, Small2Large)"),
+             Param("direct_bos", Kind.STRING, "eos",
+                   doc="direct pass without a BOS token (GPT-2): eos = start from the EOS id so every answer "
+                       "token is scored; none = reference behaviour, first answer token unscored",
+                   choices=("eos", "none")),
+             Param("slack", Kind.NUMBER, None,
+                   doc="reference quirk: cut the direct pass at max_length − len(prompt) + slack "
+                       "(Cherry 4/6, Superfiltering 1); none = the same tokens as the conditioned pass")],
+    Kind.SCORES, role="map", version="1", family="lm", chunk_rows=2048, columns=("value", "sum", "count"))
+def loss(ctx, idx, model, given="prompt", template="alpaca", max_length=512, eos=False, direct_bos="eos",
+         slack=None):
+    """Mean answer-token cross-entropy of each record under a language model.
+
+    Also stores the summed cross-entropy (column ``sum``) and the number of
+    scored tokens (``count``).  Multi-turn records are scored on their last
+    assistant turn.  Records with no scorable answer token (empty answer, or a
+    prompt filling ``max_length``) get NaN.
+    """
+    from datasel.ops.algos import seqscore
+
+    lm, tok = _lm(model)
+    rendered = [T.render(template, r, tok) for r in ctx.records(idx)]
+    prompts = [c for c, _ in rendered]
+    answers = [a for _, a in rendered]
+    budget = None
+    if given == "prompt":
+        contexts = prompts
+    elif given == "none":
+        contexts = [""] * len(idx)
+        budget = prompts
+    else:
+        header = T.direct_prefix(template, tok)
+        contexts = [header] * len(idx)
+        budget = prompts
+    pairs = seqscore.encode_pairs(tok, contexts, answers, max_length=int(max_length), append_eos=bool(eos),
+                                  direct_bos=direct_bos, budget_contexts=budget,
+                                  truncation_slack=None if slack is None or budget is None else int(slack))
+    result = seqscore.score_pairs(lm, pairs, progress=ctx.advance)
+    return {"value": result.mean, "sum": result.sum_ce, "count": result.count.astype(np.float64)}
+
+
+@macro("ppl", [_model_param(), Param("given", Kind.STRING, "prompt", choices=("prompt", "none", "header")),
+               _template_param(), Param("max_length", Kind.NUMBER, 512), Param("eos", Kind.BOOL, False)],
+       Kind.SCORES, version="1", family="lm")
+def ppl(model=None, given=None, template=None, max_length=None, eos=None):
+    """Answer perplexity, exp(mean answer cross-entropy); shares its cached passes with ``loss``."""
+    return "exp(loss({model}, given={given}, template={template}, max_length={max_length}, eos={eos}))"
+
+
+@macro("ifd", [_model_param(),
+               Param("kind", Kind.STRING, "loss",
+                     doc="loss: CE(answer|prompt) / CE(answer) (CherryLLM); ppl: PPL ratio (Superfiltering)",
+                     choices=("loss", "ppl")),
+               _template_param(),
+               Param("max_length", Kind.NUMBER, 512),
+               Param("direct", Kind.STRING, "none",
+                     doc="the direct pass: none = the bare answer; header = after the response header (Cherry v1)",
+                     choices=("none", "header")),
+               Param("direct_bos", Kind.STRING, "eos", choices=("eos", "none")),
+               Param("slack", Kind.NUMBER, None)],
+       Kind.SCORES, version="1", family="lm")
+def ifd(model=None, kind="loss", template=None, max_length=None, direct="none", direct_bos=None, slack=None):
+    """Instruction-Following Difficulty: how much the prompt helps the model predict the answer.
+
+    ``kind="loss"`` is CherryLLM's ratio of mean answer losses with and
+    without the prompt; ``kind="ppl"`` is Superfiltering's perplexity ratio
+    exp(CE_cond − CE_direct).  Both are below 1 exactly when the prompt helps;
+    above 1 usually means the answer does not fit the instruction.  Both passes
+    score the same answer tokens (the direct pass is clipped to the prompt's
+    budget) and are separate cached nodes, shared with ``loss``/``ppl``.
+    Records without scorable tokens, or a zero direct loss, get NaN.
+    """
+    cond = ("loss({model}, given=\"prompt\", template={template}, max_length={max_length}, "
+            "direct_bos={direct_bos})")
+    direct_pass = ("loss({model}, given=\"" + direct + "\", template={template}, max_length={max_length}, "
+                   "direct_bos={direct_bos}, slack={slack})")
+    if kind == "loss":
+        return f"ratio({cond}, {direct_pass})"
+    if kind == "ppl":
+        return f"exp({cond} - {direct_pass})"
+    raise ValueError(f'kind must be "loss" or "ppl", written literally; got {kind!r}')
+
+
+@macro("lp", [Param("run", Kind.MODEL, doc="a fine-tuning run: finetune(model, data=..., epochs=3)"),
+              Param("epoch", Kind.NUMBER, 1, doc="i in LP(i) = (P[i-1] − P[i]) / (P[0] − P[last])"),
+              Param("approx", Kind.BOOL, False, doc="LP_approx = (P[0] − P[1]) / P[0], needs one epoch"),
+              Param("epochs", Kind.NUMBER, 3, doc="the run's number of epochs (P[last] = P[epochs])"),
+              _template_param(), Param("max_length", Kind.NUMBER, 512)],
+       Kind.SCORES, version="1", family="lm")
+def lp(run=None, epoch=1, approx=False, epochs=3, template=None, max_length=None):
+    """Small2Large's learning percentage from per-checkpoint answer perplexities.
+
+    P[i] is the perplexity of the answer plus EOS under the checkpoint after
+    epoch i (P[0] before training).  LP(1) = (P0 − P1) / (P0 − P3) is the
+    share of the total perplexity drop achieved in the first epoch; a low LP
+    means the record is learned late (hard).  A zero denominator gives NaN
+    (excluded and counted, instead of the reference's 0).
+    """
+    e = int(epoch)
+    last = int(epochs)
+    if not 1 <= e <= last:
+        raise ValueError(f"epoch must be between 1 and epochs ({last}), got {e}")
+
+    def p(i: int) -> str:
+        return (f"ppl(checkpoint({{run}}, {i}), template={{template}}, max_length={{max_length}}, eos=true)")
+
+    if approx:
+        return f"ratio({p(0)} - {p(1)}, {p(0)})"
+    return f"ratio({p(e - 1)} - {p(e)}, {p(0)} - {p(last)})"
+
+
+# ------------------------------------------------------------ features
+@op("hidden", [_model_param(),
+               Param("layer", Kind.NUMBER, -1, doc="-1 = last layer after the final norm; 0 = embeddings"),
+               Param("pool", Kind.STRING, "mean", doc="mean over all tokens, or the last token",
+                     choices=("mean", "last")),
+               Param("text", Kind.STRING, "alpaca_full_eos", doc="what to encode", choices=TEXT_KINDS),
+               Param("max_length", Kind.NUMBER, 512),
+               Param("normalize", Kind.BOOL, False, doc="L2-normalise the vectors")],
+    Kind.FEATURES, role="map", version="1", family="lm", chunk_rows=2048)
+def hidden(ctx, idx, model, layer=-1, pool="mean", text="alpaca_full_eos", max_length=512, normalize=False):
+    """Pooled hidden states of a language model as features (DiverseEvol, CherryLLM's pre-experience).
+
+    The default is DiverseEvol's representation: the Alpaca prompt + answer +
+    EOS, last layer, mean over all tokens; CherryLLM's pre-experience embeds
+    the prompt only (``text="alpaca_prompt"``).
+    """
+    from datasel.ops.algos import seqscore
+
+    lm, tok = _lm(model)
+    texts = [T.text_for(text, r, tok) for r in ctx.records(idx)]
+    return seqscore.hidden_states(lm, tok, texts, layer=int(layer), pool=pool, max_length=int(max_length),
+                                  normalize=bool(normalize), progress=ctx.advance)
+
+
+# --------------------------------------------------------- uncertainty
+UNCERTAINTY_KINDS = ("entropy", "least_confidence", "mean_margin", "min_margin")
+
+
+@op("generation_stats", [_model_param(), _template_param(),
+                         Param("max_new_tokens", Kind.NUMBER, 64, doc="cap on the generated answer")],
+    Kind.SCORES, role="map", version="1", family="lm", chunk_rows=512,
+    columns=UNCERTAINTY_KINDS + ("tokens",))
+def generation_stats(ctx, idx, model, template="alpaca", max_new_tokens=64):
+    """Greedy-generate an answer per record and keep four uncertainty measures of it.
+
+    Columns: entropy (mean per-step entropy), least_confidence
+    (1 − p(answer)), mean_margin and min_margin (top-1 minus top-2
+    probability), tokens (answer length).  Use ``uncertainty(kind=...)``.
+    """
+    from datasel.ops.algos import uncertainty as U
+
+    lm, tok = _lm(model)
+    prompts = [T.render(template, r, tok)[0] for r in ctx.records(idx)]
+    out = U.generation_uncertainty(lm, tok, prompts, max_new_tokens=int(max_new_tokens),
+                                   kinds=UNCERTAINTY_KINDS, progress=ctx.advance)
+    columns = {k: np.asarray(out[k], dtype=np.float64) for k in UNCERTAINTY_KINDS}
+    columns["value"] = columns["min_margin"]
+    tokens = out.get("tokens", out.get("n_tokens"))
+    columns["tokens"] = np.asarray(tokens, dtype=np.float64) if tokens is not None else np.full(len(idx), np.nan)
+    return columns
+
+
+@macro("uncertainty", [_model_param(),
+                       Param("kind", Kind.STRING, "min_margin",
+                             doc="entropy / least_confidence (high = uncertain), mean_margin / min_margin "
+                                 "(low = uncertain)", choices=UNCERTAINTY_KINDS),
+                       _template_param(), Param("max_new_tokens", Kind.NUMBER, 64)],
+       Kind.SCORES, version="1", family="lm")
+def uncertainty(model=None, kind="min_margin", template=None, max_new_tokens=None):
+    """The model's uncertainty over its own greedy answer (Bhatt et al.'s experimental design).
+
+    All four kinds come from one generation pass (``generation_stats``), so
+    trying another kind costs nothing.  Pick the most uncertain records with
+    ``topk`` for entropy / least_confidence and ``bottomk`` for the margins.
+    """
+    if kind not in UNCERTAINTY_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(UNCERTAINTY_KINDS)}, written literally")
+    return (f"column(generation_stats({{model}}, template={{template}}, max_new_tokens={{max_new_tokens}}), "
+            f"\"{kind}\")")
+
+
+# ------------------------------------------------------------ training
+@op("finetune", [_model_param("the base model"),
+                 Param("data", (Kind.SELECTOR, Kind.DATASET), doc="the records to train on (a selection or a dataset)"),
+                 Param("epochs", Kind.NUMBER, 1),
+                 Param("lr", Kind.NUMBER, None, doc="learning rate (default 2e-4 with LoRA, 2e-5 full)"),
+                 Param("lora", Kind.BOOL, True, doc="LoRA on the attention projections; false = full fine-tuning"),
+                 Param("lora_r", Kind.NUMBER, 8), Param("lora_alpha", Kind.NUMBER, 16),
+                 Param("batch", Kind.NUMBER, 8), Param("max_length", Kind.NUMBER, 512),
+                 _template_param(), Param("seed", Kind.NUMBER, 0),
+                 Param("schedule", Kind.STRING, "linear", choices=("linear", "cosine", "constant"))],
+    Kind.MODEL, role="value", version="1", family="lm", costly=True)
+def finetune(ctx, model, data, epochs=1, lr=None, lora=True, lora_r=8, lora_alpha=16, batch=8, max_length=512,
+             template="alpaca", seed=0, schedule="linear"):
+    """Fine-tune a model on records with the standard answer-only SFT loss; returns its checkpoints.
+
+    The result is a checkpoint series: ``checkpoint(run, 0)`` is the starting
+    point, ``checkpoint(run, i)`` the model after epoch i, and the run itself
+    stands for its last checkpoint where a model is expected.  Cached by (base
+    model, the training records' contents, hyperparameters); finished epochs
+    survive an interrupted run and training resumes after the last one.
+    """
+    from datasel.ops.algos import finetune as F
+    from datasel.ops.models import Checkpoints, base_lm
+
+    base = base_lm(model)
+    if hasattr(data, "records"):  # a whole dataset
+        records = list(data.records)
+    else:
+        records = ctx.records(np.sort(data.indices), ctx.dataset("pool"))
+    _, tok = base.load()
+    pairs = [T.render(template, r, tok) for r in records]
+    out_dir = ctx.work_dir()
+    total = len(pairs) * int(epochs)
+    with ctx.progress(total, f"finetune {base.spec} on {len(pairs)} records") as bar:
+        paths = F.finetune(base.spec, pairs, out_dir=out_dir, epochs=int(epochs), lr=lr, lora=bool(lora),
+                           lora_r=int(lora_r), lora_alpha=int(lora_alpha), batch_size=int(batch),
+                           max_length=int(max_length), seed=int(seed), schedule=schedule,
+                           cache_dir=ctx.cache_root, device=base.device, progress=bar.update)
+    return Checkpoints(base, [paths[i] for i in range(len(paths))], key=str(out_dir.name),
+                       info={"records": len(pairs), "epochs": int(epochs)})

