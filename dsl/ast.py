@@ -64,6 +64,7 @@ class Call(Expr):
     func_span: Span
     args: list[Expr] = field(default_factory=list)
     kwargs: list[Keyword] = field(default_factory=list)
+    positional_after_keyword: Span | None = None  # reported by the checker
 
 
 @dataclass

@@ -81,6 +81,14 @@ class Checked:
         return self.types.get(id(expr), ANY)
 
 
+RESERVED = ("select", "true", "false", "none", "of")
+
+
+def _declares(declared: Kind | tuple[Kind, ...], kind: Kind) -> bool:
+    """Whether ``declared`` names ``kind`` itself (no coercions)."""
+    return kind in declared if isinstance(declared, tuple) else declared is kind
+
+
 def _suggest(name: str, candidates) -> str:
     matches = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
     return f"; did you mean '{matches[0]}'?" if matches else ""
@@ -310,6 +318,9 @@ class Checker:
             else:
                 self.error(f"unknown operator '{e.func}'{_suggest(e.func, self.ops)}", e.func_span)
             return ANY
+        if e.positional_after_keyword is not None:
+            self.error(f"{spec.name}: a positional argument cannot follow keyword arguments",
+                       e.positional_after_keyword)
         args: dict[str, ast.Expr] = {}
         params = list(spec.params)
         positional = [p for p in params]
@@ -435,11 +446,13 @@ class Checker:
         if p.choices is not None and isinstance(a, ast.String) and a.value not in p.choices:
             options = ", ".join(f'"{c}"' for c in p.choices)
             self.error(f"{spec.name}: {where} must be one of {options}; got \"{a.value}\"{_suggest(a.value, p.choices)}", a.span)
-        if accepts(p.kind, Kind.BUDGET) and not accepts(p.kind, Kind.NUMBER) and isinstance(a, ast.Number):
-            if not a.is_integer or a.value < 0:
-                pct = format(float(a.value * 100), "g")
-                self.error(f"{spec.name}: a budget is a whole count or a percentage; got {_snippet(a)} (for a share write {pct}%)", a.span)
-        if isinstance(a, ast.Neg) and isinstance(a.operand, ast.Number) and accepts(p.kind, Kind.BUDGET) and not accepts(p.kind, Kind.NUMBER):
+        if not _declares(p.kind, Kind.BUDGET) or _declares(p.kind, Kind.NUMBER):
+            return
+        if isinstance(a, ast.Number) and not a.is_integer:
+            pct = format(float(a.value * 100), "g")
+            self.error(f"{spec.name}: a budget is a whole count or a percentage; got {_snippet(a)} "
+                       f"(for a share write {pct}%)", a.span)
+        if isinstance(a, ast.Neg) and isinstance(a.operand, ast.Number):
             self.error(f"{spec.name}: a budget cannot be negative", a.span)
 
 
@@ -486,6 +499,9 @@ def merge_scopes(layers: list[tuple[Source, ast.Program]], overrides: dict[str, 
         for b in program.bindings:
             if b.name in DATASETS:
                 errors.append(Diagnostic(f"'{b.name}' is the built-in dataset and cannot be rebound", b.span))
+                continue
+            if b.name in RESERVED:
+                errors.append(Diagnostic(f"'{b.name}' is a reserved word and cannot be bound", b.span))
                 continue
             if b.name in seen:
                 errors.append(Diagnostic(f"'{b.name}' is bound twice in {source.name}", b.span,

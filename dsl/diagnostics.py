@@ -66,7 +66,9 @@ def _format_one(severity: str, message: str, span: Span | None) -> str:
     single_line = first_line_end == -1 or span.end <= first_line_end
     width = max(1, span.end - span.start) if single_line else 1
     width = min(width, max(1, len(line) - span.column + 1))
-    caret = " " * (span.column - 1) + "^" + "~" * (width - 1)
+    # Keep tabs in the padding so the caret lines up under a tab-indented line.
+    pad = "".join("\t" if c == "\t" else " " for c in line[: span.column - 1])
+    caret = pad + "^" + "~" * (width - 1)
     return f"{head}\n    {line}\n    {caret}"
 
 

@@ -159,6 +159,9 @@ class Engine:
         self.warnings: list[str] = []
         self._memo: dict[tuple, Any] = {}
         self._keys: dict[tuple, str] = {}
+        # group selection key -> (sizes of all groups of its partition, its position)
+        self._groups: dict[str, tuple[tuple[int, ...], int]] = {}
+        self._quotas: dict[tuple, list[int]] = {}
         self._log = log or (lambda msg: print(msg, file=sys.stderr))
         cache.on_corrupt = self._corrupt
 
@@ -278,6 +281,9 @@ class Engine:
 
     def _evaluate_set(self, node: Node, env: dict):
         key = self.key(node.id, env)
+        quotas = self._group_budgets(node, env)
+        if quotas:
+            key = digest(key, sorted((k, str(v)) for k, v in quotas.items()))
         stats = self.stats[node.id]
         stats.applications += 1
         cacheable = self._cacheable(node)
@@ -343,6 +349,7 @@ class Engine:
         if op == "compare":
             return self._compare(node, env, subset)
         args = self._arguments(node, env)
+        args.update(self._group_budgets(node, env))
         ctx = RunContext(self, node, env, self.pool)
         with self._timed(node):
             try:
@@ -381,10 +388,13 @@ class Engine:
         grouping = self.value(node.inputs[0], env)
         picks = []
         groups = list(grouping.groups())
+        sizes = tuple(len(members) for _, members in groups)
         with self.progress.bar(len(groups), f"{node.label()} groups") as bar:
-            for _, members in groups:
+            for position, (_, members) in enumerate(groups):
                 inner = dict(env)
-                inner[node.var] = _selection(members, self.pool)
+                group = _selection(members, self.pool)
+                self._groups[group.key] = (sizes, position)
+                inner[node.var] = group
                 picks.append(self.selection(node.body, inner).indices)
                 bar.update(1)
         indices = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
@@ -409,6 +419,36 @@ class Engine:
             self.log(f"{node.label()}: round {r}/{rounds} done in {time.perf_counter() - started:.1f}s "
                      f"({len(current)} records)")
         return current
+
+    def _group_budgets(self, node: Node, env: dict) -> dict[str, Budget]:
+        """Percentage budgets of a selector applied directly to a partition's groups.
+
+        ``kmeans(x, 100) | topk(s, 10%)`` keeps exactly ⌊10% × N⌋ records in
+        all: each group gets ⌊10% × n_g⌋ and the records left over go, one
+        each, to the groups with the largest remainders (ties: lower group
+        number).  A selector that sees a filtered group (``P | (f < 1 |
+        topk(s, 10%))``) uses ⌊10% × its input⌋ instead.
+        """
+        if node.spec is None or not node.inputs:
+            return {}
+        var = self.plan.nodes[node.inputs[0]]
+        if var.op != "var" or var.params.get("scope") != "group" or node.inputs[0] not in env:
+            return {}
+        info = self._groups.get(env[node.inputs[0]].key)
+        if info is None:
+            return {}
+        sizes, position = info
+        if node.values.get("chunks", "exact") != "exact":
+            return {}  # the op applies its own per-group rounding rule
+        out = {}
+        for p in node.spec.params:
+            value = node.values.get(p.name)
+            if isinstance(value, Budget) and value.fraction is not None and not value.of_pool:
+                memo = (sizes, value.fraction)
+                if memo not in self._quotas:
+                    self._quotas[memo] = largest_remainder(value.fraction, sizes)
+                out[p.name] = Budget(count=self._quotas[memo][position])
+        return out
 
     # ------------------------------------------------------------ values
     def _evaluate_value(self, node: Node, env: dict):
@@ -547,6 +587,20 @@ class Engine:
 
     def node_stats(self) -> list[dict]:
         return [self.stats[n.id].to_json(n) for n in self.plan.reachable()]
+
+
+def largest_remainder(fraction, sizes) -> list[int]:
+    """Split ⌊fraction × Σsizes⌋ over groups: ⌊fraction × n_g⌋ each, then +1 by largest remainder."""
+    from fractions import Fraction
+
+    fraction = Fraction(fraction)
+    exact = [fraction * n for n in sizes]
+    quotas = [int(x) for x in exact]
+    left = int(fraction * sum(sizes)) - sum(quotas)
+    order = sorted(range(len(sizes)), key=lambda g: (-(exact[g] - quotas[g]), g))
+    for g in order[:left]:
+        quotas[g] += 1
+    return quotas
 
 
 def _count_budget(node: Node, value) -> Budget:

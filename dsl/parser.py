@@ -118,7 +118,7 @@ def _describe_expected(expected: set[str]) -> str:
     if _EXPRESSION_STARTS <= expected:
         words.append("an expression")
         expected -= _EXPRESSION_STARTS | {"LSQB", "MINUS", "PERCENT", "TRUE", "FALSE", "NONE"}
-    has_operators = bool(expected & _OPERATORS) and len(expected - _OPERATORS) > 0
+    has_operators = bool(expected & _OPERATORS) and (len(expected - _OPERATORS) > 0 or len(expected) > 2)
     if has_operators:
         expected -= _OPERATORS
     for name in sorted(expected, key=lambda e: (e == "$END", TERMINAL_WORDS.get(e, e))):
@@ -139,6 +139,48 @@ def _describe_token(token: Token) -> str:
     if token.type in ("NAME", "NUMBER", "PERCENT", "STRING"):
         return f"{word[2:] if word.startswith('a ') else word} {token.value}"
     return f"'{token.value}'"
+
+
+def _strip_comments(text: str) -> str:
+    """``text`` with ``#`` comments removed (a ``#`` inside a string is kept)."""
+    out = []
+    in_string = False
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if in_string:
+            out.append(ch)
+            if ch == "\\" and i + 1 < len(text):
+                out.append(text[i + 1])
+                i += 1
+            elif ch in '"\n':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+            out.append(ch)
+        elif ch == "#":
+            while i < len(text) and text[i] != "\n":
+                i += 1
+            continue
+        else:
+            out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def _open_brackets(text: str) -> list[str]:
+    """The brackets still open at the end of ``text`` (strings and comments skipped)."""
+    stack: list[str] = []
+    for ch in _strip_strings(_strip_comments(text)):
+        if ch in _OPENERS:
+            stack.append(ch)
+        elif ch in ")]" and stack:
+            stack.pop()
+    return stack
+
+
+def _strip_strings(text: str) -> str:
+    return re.sub(r'"([^"\\\n]|\\.)*"?', '""', text)
 
 
 def _unclosed_bracket(source: Source, start: int, end: int) -> Span | None:
@@ -181,7 +223,7 @@ def _syntax_error(source: Source, masked: str, start: int, end: int, exc: Unexpe
         last = len(masked.rstrip())
         # Point just past the last character of the statement (skipping a trailing comment).
         stmt = source.text[start:end]
-        code_end = start + len(re.sub(r"#[^\n]*", "", stmt).rstrip())
+        code_end = start + len(_strip_comments(stmt).rstrip())
         pos = max(start, min(last, code_end))
         span = _span_at(source, max(start, pos - 1), pos) if pos > start else _span_at(source, start, start + 1)
         span = Span(source, span.line, span.column + 1 if pos > start else span.column, pos, pos + 1)
@@ -192,6 +234,9 @@ def _syntax_error(source: Source, masked: str, start: int, end: int, exc: Unexpe
         span = Span(source, token.line, token.column, token.start_pos, token.end_pos)
         message = f"unexpected {_describe_token(token)}"
         expected = set(exc.expected or ())
+        line_text = source.line(token.line)
+        if token.column > 1 and not line_text[: token.column - 1].strip():
+            message += " (a statement starts at column 1; indented lines continue the statement above)"
     elif isinstance(exc, UnexpectedCharacters):
         pos = exc.pos_in_stream
         ch = masked[pos]
@@ -199,11 +244,20 @@ def _syntax_error(source: Source, masked: str, start: int, end: int, exc: Unexpe
         message = f"unexpected character {ch!r}"
         if ch == "'":
             message += " (strings use double quotes)"
-        expected = set(exc.allowed or ())
+        elif ch == '"':
+            message = "this string is never closed (strings end with \" on the same line)"
+        expected = set(exc.allowed or ()) if ch != '"' else set()
     else:  # pragma: no cover - Lark raises only the three above
         span = _span_at(source, start, start + 1)
         message = str(exc)
         expected = set()
+    open_now = _open_brackets(source.text[start:span.start])
+    if not open_now:
+        expected -= {"RPAR", "RSQB", "COMMA"}
+    elif open_now[-1] == "(":
+        expected -= {"RSQB"}
+    else:
+        expected -= {"RPAR"}
     described = _describe_expected(expected)
     if described:
         message += f"; expected {described}"
@@ -261,11 +315,19 @@ class _Builder:
                 for arg in kids[1].children:
                     if isinstance(arg, Tree) and arg.data == "kwarg":
                         call.kwargs.append(ast.Keyword(str(arg.children[0]), self.expr(arg.children[1]), self.span(arg.children[0])))
-                    elif isinstance(arg, Tree) and arg.data == "lambda":
-                        param, _, body = arg.children
-                        call.args.append(ast.Lambda(self.span(arg), str(param), self.span(param), self.expr(body)))
+                    elif isinstance(arg, Tree) and arg.data == "kwlambda":
+                        name, param, _, body = arg.children
+                        value = ast.Lambda(self.span(arg), str(param), self.span(param), self.expr(body))
+                        call.kwargs.append(ast.Keyword(str(name), value, self.span(name)))
                     else:
-                        call.args.append(self.expr(arg))
+                        if isinstance(arg, Tree) and arg.data == "lambda":
+                            param, _, body = arg.children
+                            value = ast.Lambda(self.span(arg), str(param), self.span(param), self.expr(body))
+                        else:
+                            value = self.expr(arg)
+                        if call.kwargs and call.positional_after_keyword is None:
+                            call.positional_after_keyword = value.span
+                        call.args.append(value)
             return call
         if rule == "list":
             items = [self.expr(c) for c in kids[0].children] if kids else []

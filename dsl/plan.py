@@ -43,6 +43,32 @@ BUILTIN_OPS = {
 }
 
 
+def structure(expr: ast.Expr) -> Any:
+    """A JSON-able description of an expression's structure (no positions), for identities."""
+    if isinstance(expr, ast.Name):
+        return ["name", expr.id]
+    if isinstance(expr, ast.Number):
+        return ["num", str(expr.value)]
+    if isinstance(expr, ast.Percent):
+        return ["pct", str(expr.fraction), expr.of_pool]
+    if isinstance(expr, (ast.String, ast.Bool)):
+        return [type(expr).__name__, expr.value]
+    if isinstance(expr, ast.NoneLit):
+        return ["none"]
+    if isinstance(expr, ast.Call):
+        return ["call", expr.func, [structure(a) for a in expr.args],
+                sorted([k.name, structure(k.value)] for k in expr.kwargs)]
+    if isinstance(expr, ast.ListLit):
+        return ["list", [structure(i) for i in expr.items]]
+    if isinstance(expr, ast.BinOp):
+        return ["op", expr.op, structure(expr.left), structure(expr.right)]
+    if isinstance(expr, ast.Neg):
+        return ["neg", structure(expr.operand)]
+    if isinstance(expr, ast.Lambda):
+        return ["fn", expr.param, structure(expr.body)]
+    raise AssertionError(type(expr).__name__)
+
+
 def canonical(value: Any) -> Any:
     """A JSON-able, hash-stable form of a parameter value."""
     if isinstance(value, Budget):
@@ -335,7 +361,7 @@ class Planner:
                 a = args[p.name]
                 if isinstance(a, ast.Lambda):
                     var = self.add("var", Kind.SELECTOR, {"name": a.param, "scope": "round"}, [],
-                                   extra_identity=[input_set, a.span.location(), a.body.span.text])
+                                   extra_identity=[input_set, structure(a.body)])
                     body_scope = dict(scope)
                     body_scope[a.param] = var
                     body = self.apply(a.body, input_set, body_scope)
