@@ -336,11 +336,19 @@ class Planner:
             return self._compare(flipped, e.right, e.left, e, input_set, scope)
         return self._compare(op, e.left, e.right, e, input_set, scope)
 
+    def _deref(self, e: ast.Expr, scope: dict[str, str]) -> ast.Expr:
+        """Follow names bound to other expressions (``budget = 10%``) so literals stay parameters."""
+        seen = set()
+        while isinstance(e, ast.Name) and e.id not in scope and e.id in self.checked.bindings and e.id not in seen:
+            seen.add(e.id)
+            e = self.checked.bindings[e.id].expr
+        return e
+
     def _compare(self, op, scores_expr, rhs_expr, e, input_set, scope) -> str:
         scores = self.value(scores_expr, scope)
         inputs = [("input", input_set), ("scores", scores)]
         params: dict[str, Any] = {"op": op}
-        ok, literal = literal_value(rhs_expr)
+        ok, literal = literal_value(self._deref(rhs_expr, scope))
         if ok:
             params["rhs"] = literal
         else:
@@ -366,7 +374,7 @@ class Planner:
                     body_scope[a.param] = var
                     body = self.apply(a.body, input_set, body_scope)
                     continue
-                ok, literal = literal_value(a)
+                ok, literal = literal_value(self._deref(a, scope))
                 if p.name in spec.extra.get("applied", ()):
                     # e.g. iterate's init: applied to the same input set as the op itself.
                     inputs.append((p.name, self.apply(a, input_set, scope)))

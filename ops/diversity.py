@@ -176,10 +176,13 @@ def _with_given(subset: np.ndarray, given) -> tuple[np.ndarray, np.ndarray]:
                  Param("epsilon", Kind.NUMBER, 0.01, doc="stochastic greedy's ε"),
                  Param("gamma", Kind.NUMBER, None, doc="rbf width (default 1/d)"),
                  Param("given", Kind.SELECTOR, None, doc="records already selected (they count as covered)"),
-                 Param("seed", Kind.NUMBER, 0)],
+                 Param("seed", Kind.NUMBER, 0),
+                 Param("coverage", Kind.STRING, "mean",
+                       doc="with quality: mean = FL divided by the number of records, so α weighs two terms on "
+                           "the same [0, 1] per-record scale; sum = the raw FL sum", choices=("mean", "sum"))],
     Kind.SELECTOR, role="selector", version="1", costly=True)
 def facility(ctx, subset, features, k, kernel="cosine", quality=None, alpha=0.0, knn=None, optimizer="lazy",
-             epsilon=0.01, gamma=None, given=None, seed=0):
+             epsilon=0.01, gamma=None, given=None, seed=0, coverage="mean"):
     """Facility location: pick records so that every record has a similar pick (greedy, in pick order).
 
     Maximises Σ_v max_{a∈S} s(v, a) over the records that reach it, with
@@ -203,8 +206,10 @@ def facility(ctx, subset, features, k, kernel="cosine", quality=None, alpha=0.0,
     candidates = np.setdiff1d(np.searchsorted(rows_all, rows), np.searchsorted(rows_all, given_rows))
     q_all = None
     if q is not None:
+        # (1−α)·FL/|V| + α·Σq has the same maximiser as (1−α)·FL + α·|V|·Σq.
+        scale = float(len(rows_all)) if coverage == "mean" else 1.0
         q_all = np.zeros(len(rows_all))
-        q_all[np.searchsorted(rows_all, rows)] = q
+        q_all[np.searchsorted(rows_all, rows)] = q * scale
     result = facility_location(
         X, n, kernel=kernel, gamma=None if gamma is None else float(gamma), quality=q_all, alpha=float(alpha),
         knn=None if knn is None else int(knn), optimizer=optimizer, epsilon=float(epsilon), seed=int(seed),

@@ -50,10 +50,13 @@ def _lm(model):
                    choices=("eos", "none")),
              Param("slack", Kind.NUMBER, None,
                    doc="reference quirk: cut the direct pass at max_length − len(prompt) + slack "
-                       "(Cherry 4/6, Superfiltering 1); none = the same tokens as the conditioned pass")],
+                       "(Cherry 4/6, Superfiltering 1); none = the same tokens as the conditioned pass"),
+             Param("target", Kind.STRING, "answer",
+                   doc="answer: score the response; prompt: score the rendered prompt itself with no context "
+                       "(CherryLLM's instruction perplexity)", choices=("answer", "prompt"))],
     Kind.SCORES, role="map", version="1", family="lm", chunk_rows=2048, columns=("value", "sum", "count"))
 def loss(ctx, idx, model, given="prompt", template="alpaca", max_length=512, eos=False, direct_bos="eos",
-         slack=None):
+         slack=None, target="answer"):
     """Mean answer-token cross-entropy of each record under a language model.
 
     Also stores the summed cross-entropy (column ``sum``) and the number of
@@ -68,6 +71,12 @@ def loss(ctx, idx, model, given="prompt", template="alpaca", max_length=512, eos
     prompts = [c for c, _ in rendered]
     answers = [a for _, a in rendered]
     budget = None
+    if target == "prompt":
+        # The prompt is the text being scored; nothing conditions it but BOS.
+        pairs = seqscore.encode_pairs(tok, [""] * len(idx), prompts, max_length=int(max_length),
+                                      direct_bos=direct_bos)
+        result = seqscore.score_pairs(lm, pairs, progress=ctx.advance)
+        return {"value": result.mean, "sum": result.sum_ce, "count": result.count.astype(np.float64)}
     if given == "prompt":
         contexts = prompts
     elif given == "none":
@@ -85,11 +94,16 @@ def loss(ctx, idx, model, given="prompt", template="alpaca", max_length=512, eos
 
 
 @macro("ppl", [_model_param(), Param("given", Kind.STRING, "prompt", choices=("prompt", "none", "header")),
-               _template_param(), Param("max_length", Kind.NUMBER, 512), Param("eos", Kind.BOOL, False)],
+               _template_param(), Param("max_length", Kind.NUMBER, 512), Param("eos", Kind.BOOL, False),
+               Param("target", Kind.STRING, "answer", choices=("answer", "prompt"))],
        Kind.SCORES, version="1", family="lm")
-def ppl(model=None, given=None, template=None, max_length=None, eos=None):
-    """Answer perplexity, exp(mean answer cross-entropy); shares its cached passes with ``loss``."""
-    return "exp(loss({model}, given={given}, template={template}, max_length={max_length}, eos={eos}))"
+def ppl(model=None, given=None, template=None, max_length=None, eos=None, target=None):
+    """Perplexity, exp(mean cross-entropy) of the answer (or, with ``target="prompt"``, of the prompt).
+
+    Shares its cached passes with ``loss``.
+    """
+    return ("exp(loss({model}, given={given}, template={template}, max_length={max_length}, eos={eos}, "
+            "target={target}))")
 
 
 @macro("ifd", [_model_param(),
