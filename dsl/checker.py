@@ -213,6 +213,10 @@ class Checker:
     def expr_BinOp(self, e: ast.BinOp, scope) -> Type:
         left = self.expr(e.left, scope)
         right = self.expr(e.right, scope)
+        if e.op in ("|", "&", "+", "-"):
+            # `pool` reads as "every record" in set algebra: pool - cur, pool | topk(...).
+            left = self._pool_as_selector(e.left, left, scope)
+            right = self._pool_as_selector(e.right, right, scope)
         if Kind.ANY in (left.kind, right.kind):
             return self._binop_unknown(e, left, right)
         op = e.op
@@ -249,6 +253,11 @@ class Checker:
             self._operands_error(e, left, right, f"'{op}' is arithmetic on Scores and numbers")
             return ANY
         raise AssertionError(op)
+
+    def _pool_as_selector(self, expr: ast.Expr, t: Type, scope) -> Type:
+        if t.kind is Kind.DATASET and isinstance(expr, ast.Name) and expr.id == "pool" and "pool" not in scope:
+            return self.record(expr, Type(Kind.SELECTOR))
+        return t
 
     def _binop_unknown(self, e: ast.BinOp, left: Type, right: Type) -> Type:
         known = left if right.kind is Kind.ANY else right

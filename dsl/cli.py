@@ -17,7 +17,13 @@ from pathlib import Path
 EXIT_OK, EXIT_USER, EXIT_USAGE = 0, 1, 2
 
 
+def _debug_flag(p: argparse.ArgumentParser) -> None:
+    # Accepted after the subcommand too; SUPPRESS keeps it from resetting the top-level flag.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+
+
 def _common(p: argparse.ArgumentParser, *, pool_required: bool) -> None:
+    _debug_flag(p)
     p.add_argument("--pool", required=pool_required, help="the pool: .jsonl, .json, .parquet or a datasets folder")
     p.add_argument("--val", help="validation / target set (the recipe's `val`)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=EXPR",
@@ -64,12 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ops", help="list operators, or show one")
     p.add_argument("name", nargs="?", help="an operator name")
     p.add_argument("--markdown", action="store_true", help="print the reference as Markdown (docs/ops.md)")
+    _debug_flag(p)
 
     p = sub.add_parser("cache", help="inspect or clean the cache")
     p.add_argument("action", choices=("ls", "du", "gc"))
     p.add_argument("--cache", metavar="DIR", help="cache folder (default: $DATASEL_CACHE or ./.datasel)")
     p.add_argument("--older-than", type=float, metavar="DAYS", help="gc: remove entries unused for DAYS days")
     p.add_argument("--all", action="store_true", help="gc: remove everything")
+    _debug_flag(p)
 
     measure = _measure_parser(sub)
     del measure
@@ -93,6 +101,7 @@ def _measure_parser(sub):
     p.add_argument("--on-bad-record", choices=("fail", "skip"), default="fail")
     p.add_argument("--quiet", "-q", action="store_true")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _debug_flag(p)
     return p
 
 

@@ -174,7 +174,7 @@ def normalize(obj, schema: str) -> dict:
         raise BadRecord("not an object", f"expected a JSON object, got {type(obj).__name__}")
     if schema == "alpaca":
         instruction = _text(obj, "instruction")
-        has_input = "input" in obj
+        has_input = obj.get("input") is not None  # Parquet fills missing columns with null
         inp = _text(obj, "input", required=False)
         output = _text(obj, "output")
         messages = []

@@ -216,7 +216,9 @@ class Engine:
             for role, inp in zip(node.roles, node.inputs):
                 if node.role == "map" and role == "data":
                     continue  # map results are per record: the dataset is not part of the key
-                if node.role == "value" and self.plan.nodes[inp].kind is Kind.SELECTOR:
+                inp_node = self.plan.nodes[inp]
+                if (node.role == "value" and inp_node.kind is Kind.SELECTOR
+                        and all(v in env for v in inp_node.free_vars)):
                     # Models trained on a selection depend on the records' contents only.
                     parts.append((role, "content", self.selection(inp, env).content_key))
                     continue

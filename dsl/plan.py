@@ -250,7 +250,10 @@ class Planner:
     # ------------------------------------------------------------ planning
     def plan(self) -> Plan:
         pool = self.dataset("pool")
-        output = self.apply(self.checked.select, pool, {})
+        if self.kind(self.checked.select) in (Kind.SELECTOR, Kind.PARTITION):
+            output = self.apply(self.checked.select, pool, {})
+        else:  # `datasel eval` of Scores / Features
+            output = self.value(self.checked.select, {})
         return Plan(self.nodes, output, self.checked, dict(self.fingerprints))
 
     def kind(self, expr: ast.Expr) -> Kind:
@@ -294,6 +297,8 @@ class Planner:
         if id(e) in self.checked.expansions:
             return self.name(self.apply(self.checked.expansions[id(e)], input_set, scope), e)
         if isinstance(e, ast.Name):
+            if e.id == "pool" and e.id not in scope:
+                return input_set  # the whole pool as a selector keeps everything that reaches it
             if e.id in scope:
                 var = scope[e.id]
                 if self.nodes[input_set].op == "dataset":
