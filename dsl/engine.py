@@ -62,6 +62,8 @@ class NodeStats:
     applications: int = 0
     from_cache: int = 0
     needed: bool = False
+    requested: set = field(default_factory=set)  # map ops: dataset rows asked for
+    computed_rows: set = field(default_factory=set)  # map ops: rows computed in this run
 
     def to_json(self, node: Node) -> dict:
         status = self.status
@@ -499,6 +501,7 @@ class Engine:
             return np.zeros((0,) if width is None else (0, width))
         store = self.cache.map_store(handle.key)
         found, where = store.locate(dataset.hashes[idx])
+        found_before = found
         computed_here = 0
         if not found.all():
             if self.probe:
@@ -506,6 +509,7 @@ class Engine:
             with self.cache.lock(f"map-{handle.key}"):
                 store.refresh()  # another process may have filled rows meanwhile
                 found, where = store.locate(dataset.hashes[idx])
+                found_before = found
                 missing = idx[~found]
                 if len(missing):
                     computed_here = len(missing)
@@ -513,7 +517,11 @@ class Engine:
                     _, first = np.unique(dataset.hashes[missing], return_index=True)
                     self._fill_rows(handle, store, missing[np.sort(first)])
                     found, where = store.locate(dataset.hashes[idx])
-        stats.rows_cached += len(idx) - computed_here
+        # A row counts as cached if it was in the cache before this run asked for it.
+        stats.requested.update(idx.tolist())
+        if computed_here:
+            stats.computed_rows.update(idx[~found_before].tolist())
+        stats.rows_cached = len(stats.requested - stats.computed_rows)
         if not found.all():
             raise OpError(node, "results missing from the cache after computing them")
         return store.read(column, where)

@@ -8,8 +8,10 @@ be local folders or already in the local Hugging Face cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,20 @@ from datasel.ops.registry import Kind, Param, Ref, op
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+
+
+@contextlib.contextmanager
+def no_library_bars():
+    """Hide progress bars libraries draw while loading (GGUF dequantisation uses plain tqdm)."""
+    old = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old
 
 
 def quiet_transformers() -> None:
@@ -54,7 +70,7 @@ class LM:
         from datasel.ops.algos import lm_loading
 
         quiet_transformers()
-        with lm_loading.hub_offline():
+        with lm_loading.hub_offline(), no_library_bars():
             return lm_loading.load_causal_lm(self.spec, dtype=self.dtype, device=self.device,
                                              cache_dir=self.cache_root)
 
@@ -65,7 +81,8 @@ class LM:
         quiet_transformers()
         path = self.spec
         if path == "smollm":
-            path = str(lm_loading.materialize_smollm(self.cache_root))
+            with no_library_bars():
+                path = str(lm_loading.materialize_smollm(self.cache_root))
         with lm_loading.hub_offline():
             from transformers import AutoTokenizer
 
