@@ -12,6 +12,7 @@ ROLE_WORDS = {
     "selector": "a selector: applied to the records that reach it",
     "partition": "a partition: groups the records that reach it",
     "value": "a value computed once per run",
+    "macro": "defined as an expression over other operators (shown by `datasel compile`), whose parts are shared",
 }
 
 
