@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(benches)}", file=sys.stderr)
         return 2
-    selected = [b for b in benches if b in names or any(b.startswith(n) for n in names)]
+    # An exact name selects that benchmark; otherwise a name selects every benchmark it prefixes.
+    selected = [b for b in benches if b in names or any(n not in benches and b.startswith(n) for n in names)]
     failed = 0
     for name in selected:
         start = time.perf_counter()
