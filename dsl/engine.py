@@ -119,7 +119,8 @@ def _selection(indices: np.ndarray, pool: Dataset) -> Selection:
     indices = np.asarray(indices, dtype=np.int64)
     ordered = np.sort(indices)
     key = hashlib.blake2b(pool.fingerprint.encode() + ordered.tobytes(), digest_size=16).hexdigest()
-    content = hashlib.blake2b(pool.hashes[ordered].tobytes(), digest_size=16).hexdigest()
+    # Order-free: the same records give the same identity in any pool, in any order.
+    content = hashlib.blake2b(np.sort(pool.hashes[ordered]).tobytes(), digest_size=16).hexdigest()
     return Selection(indices, key, content)
 
 
@@ -224,6 +225,10 @@ class Engine:
                     # Models trained on a selection depend on the records' contents only.
                     parts.append((role, "content", self.selection(inp, env).content_key))
                     continue
+                if node.role == "value" and inp_node.op == "dataset" and inp_node.params["name"] in self.datasets:
+                    ds = self.datasets[inp_node.params["name"]]
+                    parts.append((role, "content", _selection(np.arange(len(ds)), ds).content_key))
+                    continue
                 parts.append((role, self.key(inp, env)))
             body_key = None
             if node.body is not None:
@@ -231,7 +236,12 @@ class Engine:
                 body_key = self.key(node.body, inner)
             extra = None
             if node.spec is not None and node.spec.key_fn is not None:
-                extra = node.spec.key_fn(**node.values)
+                try:
+                    extra = node.spec.key_fn(**node.values)
+                except (KeyboardInterrupt, OpError):
+                    raise
+                except Exception as exc:  # e.g. a model that is not installed
+                    raise self._op_error(node, exc) from exc
             key = digest(node.op, node.version, node.params, parts, body_key, extra)
         self._keys[memo_key] = key
         return key
@@ -279,9 +289,7 @@ class Engine:
             return True
         if not node.free_vars:
             return True
-        return bool(node.spec is not None and node.spec.costly) or node.op == "per_group" and bool(
-            node.spec and node.spec.costly
-        )
+        return bool(node.spec is not None and node.spec.costly)
 
     def _evaluate_set(self, node: Node, env: dict):
         key = self.key(node.id, env)

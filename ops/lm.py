@@ -249,7 +249,7 @@ def uncertainty(model=None, kind="min_margin", template=None, max_new_tokens=Non
                  Param("batch", Kind.NUMBER, 8), Param("max_length", Kind.NUMBER, 512),
                  _template_param(), Param("seed", Kind.NUMBER, 0),
                  Param("schedule", Kind.STRING, "linear", choices=("linear", "cosine", "constant"))],
-    Kind.MODEL, role="value", version="1", family="lm", costly=True)
+    Kind.MODEL, role="value", version="2", family="lm", costly=True)
 def finetune(ctx, model, data, epochs=1, lr=None, lora=True, lora_r=8, lora_alpha=16, batch=8, max_length=512,
              template="alpaca", seed=0, schedule="linear"):
     """Fine-tune a model on records with the standard answer-only SFT loss; returns its checkpoints.
@@ -264,10 +264,16 @@ def finetune(ctx, model, data, epochs=1, lr=None, lora=True, lora_r=8, lora_alph
     from datasel.ops.models import Checkpoints, base_lm
 
     base = base_lm(model)
+    # Train in content-hash order, the order the cache key uses, so the same records
+    # give the same run however the pool is ordered.
     if hasattr(data, "records"):  # a whole dataset
-        records = list(data.records)
+        order = np.argsort(data.hashes, kind="stable")
+        records = [data.records[int(i)] for i in order]
     else:
-        records = ctx.records(np.sort(data.indices), ctx.dataset("pool"))
+        pool = ctx.dataset("pool")
+        idx = np.asarray(data.indices, dtype=np.int64)
+        idx = idx[np.argsort(pool.hashes[idx], kind="stable")]
+        records = ctx.records(idx, pool)
     _, tok = base.load()
     pairs = [T.render(template, r, tok) for r in records]
     out_dir = ctx.work_dir()

@@ -204,12 +204,17 @@ def _folder_fingerprint(folder: Path) -> str:
     alone would give every epoch the same identity; the hash of each weight
     file's first and last MB tells them apart at a cost of 2 MB read per file.
     """
-    h = hashlib.sha256(b"folder-v1\0")
-    for name in ("config.json", "adapter_config.json", _CHECKPOINT_META, "config_sentence_transformers.json",
-                 "modules.json"):
-        p = folder / name
-        if p.is_file():
-            h.update(name.encode() + b"\0" + p.read_bytes() + b"\0")
+    h = hashlib.sha256(b"folder-v2\0")
+    # Everything that changes what the model computes: configs, the tokenizer
+    # (special tokens, chat template) and the generation config (EOS ids).
+    small = {"config.json", "adapter_config.json", _CHECKPOINT_META, "config_sentence_transformers.json",
+             "modules.json", "generation_config.json", "special_tokens_map.json", "tokenizer.json",
+             "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
+             "added_tokens.json", "chat_template.jinja", "chat_template.json", "sentence_bert_config.json"}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name in small:
+            rel = p.relative_to(folder).as_posix()
+            h.update(rel.encode() + b"\0" + p.read_bytes() + b"\0")
     weights = sorted(
         p for p in folder.rglob("*")
         if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES) and not p.name.startswith("optimizer")
@@ -499,7 +504,8 @@ def load_causal_lm(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     source, local = _resolve_lm_source(os.fspath(spec), cache_dir)
-    key = ("causal_lm", source, str(dt), str(dev))
+    # Keyed by content too: a folder whose files were replaced is loaded afresh.
+    key = ("causal_lm", source, _folder_fingerprint(Path(source)) if local else "", str(dt), str(dev))
     if memo:
         with _memo_lock:
             if key in _memo:
