@@ -56,8 +56,13 @@ def measure_selection(selected: str | Path, pool: str | Path, *, metrics=None, f
         "selected_count": int(len(chosen)),
         "features": features,
         "random_seed": seed,
-        "metrics": {m: {"selection": ours[m], "random": rand[m]} for m in metrics},
+        "metrics": {m: {"selection": _finite(ours[m]), "random": _finite(rand[m])} for m in metrics},
     }
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: an undefined metric (e.g. distances within one record) is null."""
+    return None if value is None or not np.isfinite(value) else float(value)
 
 
 def format_report(report: dict) -> str:
@@ -66,5 +71,7 @@ def format_report(report: dict) -> str:
              f"features {report['features']}; random reference seed {report['random_seed']}",
              f"{'metric':<10} {'selection':>12} {'random':>12}"]
     for name, v in report["metrics"].items():
-        lines.append(f"{name:<10} {v['selection']:>12.4f} {v['random']:>12.4f}   {METRIC_WORDS.get(name, '')}")
+        sel = "n/a" if v["selection"] is None else f"{v['selection']:.4f}"
+        ran = "n/a" if v["random"] is None else f"{v['random']:.4f}"
+        lines.append(f"{name:<10} {sel:>12} {ran:>12}   {METRIC_WORDS.get(name, '')}")
     return "\n".join(lines)

@@ -194,16 +194,16 @@ def facility(ctx, subset, features, k, kernel="cosine", quality=None, alpha=0.0,
     """
     from datasel.ops.algos.facility import facility_location
 
-    rows = subset
+    rows = subset  # the candidates; every record that reaches the op still counts for coverage
     q = None
     if quality is not None and float(alpha) > 0:
         rows, q = _quality(ctx, quality, subset, "facility")
-    rows_all, given_rows = _with_given(rows, given)
-    n = min(k.resolve(len(subset), ctx.n_pool), len(rows_all) - len(given_rows))
+    rows_all, given_rows = _with_given(subset, given)
+    candidates = np.setdiff1d(np.searchsorted(rows_all, rows), np.searchsorted(rows_all, given_rows))
+    n = min(k.resolve(len(subset), ctx.n_pool), len(candidates))
     if n <= 0:
         return subset[:0]
     X = _features(features, rows_all, "facility")
-    candidates = np.setdiff1d(np.searchsorted(rows_all, rows), np.searchsorted(rows_all, given_rows))
     q_all = None
     if q is not None:
         # (1−α)·FL/|V| + α·Σq has the same maximiser as (1−α)·FL + α·|V|·Σq.
@@ -250,7 +250,10 @@ def novelsum(ctx, subset, features, k, alpha=1.0, beta=0.5, knn=10, density="sum
     if n <= 0:
         return subset[:0]
     X = _features(features, rows, "novelsum")
-    sigma = run_density(X, K=min(int(knn), max(1, len(rows) - 1)), beta=float(beta))
+    if len(rows) < 2:
+        sigma = np.ones(len(rows))  # no neighbours to estimate a density from; one record is picked anyway
+    else:
+        sigma = run_density(X, K=min(int(knn), len(rows) - 1), beta=float(beta))
     result = novelselect(X, n, sigma=sigma, alpha=float(alpha), density_combine=density, quality=q, seed=int(seed))
     return rows[result.order]
 
