@@ -12,7 +12,6 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
 EXIT_OK, EXIT_USER, EXIT_USAGE = 0, 1, 2
 
@@ -85,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _measure_parser(sub):
-    try:
-        from datasel.dsl import measure  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("datasel.dsl.measure") is None:  # pragma: no cover
         return None
     p = sub.add_parser("measure", help="diversity metrics of a selection (and of a random one of the same size)")
     p.add_argument("selected", help="the selected records (.jsonl as written by `datasel run`)")

@@ -9,11 +9,12 @@ per seed but not equal to scikit-learn's.
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import numba
 import numpy as np
+
+from datasel.ops.algos.threads import faiss_threads
 from numba import njit, prange
 
 __all__ = ["KMeansResult", "kmeans", "nearest_to_centroids"]
@@ -38,24 +39,7 @@ class KMeansResult(NamedTuple):
     empty_dropped: int = 0
 
 
-# faiss calls below this many multiply-adds (n * k * d per Lloyd iteration) run on one OpenMP thread: tiny parallel
-# regions on an oversubscribed machine cost seconds (measured: 1,200 x 12, k = 30: 2.9 s on 2 threads, 0.03 s on 1).
-_FAISS_SERIAL_BELOW = 1 << 26
-
-
-@contextlib.contextmanager
-def _faiss_threads(work: int):
-    import faiss
-
-    if work >= _FAISS_SERIAL_BELOW:
-        yield
-        return
-    prev = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)  # OpenMP's nthreads is per calling thread: other threads are unaffected
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(prev)
+_faiss_threads = faiss_threads  # shared guard, see threads.py
 
 
 def _prepare(X, metric: str) -> np.ndarray:

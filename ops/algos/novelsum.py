@@ -15,11 +15,12 @@ Conventions kept from the reference code (and the corrected defaults) are listed
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import numba
 import numpy as np
+
+from datasel.ops.algos.threads import faiss_threads
 from numba import njit, prange
 
 __all__ = ["NovelResult", "density", "novelselect", "novelselect_reference", "novelsum"]
@@ -57,24 +58,7 @@ def _as_float32_2d(X, name: str) -> np.ndarray:
     return X
 
 
-# faiss searches below this many multiply-adds (n * m * d) run on one OpenMP thread: tiny parallel regions on an
-# oversubscribed machine cost far more than they save.
-_FAISS_SERIAL_BELOW = 1 << 26
-
-
-@contextlib.contextmanager
-def _faiss_threads(work: int):
-    import faiss
-
-    if work >= _FAISS_SERIAL_BELOW:
-        yield
-        return
-    prev = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)  # OpenMP's nthreads is per calling thread: other threads are unaffected
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(prev)
+_faiss_threads = faiss_threads  # shared guard, see threads.py
 
 
 def _exact_sqdist(Q: np.ndarray, R: np.ndarray, I: np.ndarray, block: int = 1024) -> np.ndarray:
