@@ -9,9 +9,9 @@ be local folders or already in the local Hugging Face cache.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,16 +24,25 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @contextlib.contextmanager
 def no_library_bars():
-    """Hide progress bars libraries draw while loading (GGUF dequantisation uses plain tqdm)."""
-    old = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    """Hide progress bars libraries draw while loading (GGUF dequantisation uses a plain tqdm).
+
+    datasel draws its own bars (and none with --quiet); tqdm reads its
+    environment overrides only at import, so the module's ``tqdm`` is patched
+    for the duration instead.
+    """
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - older transformers without GGUF support
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = old
+        if original is not None:
+            gguf_utils.tqdm = original
 
 
 def quiet_transformers() -> None:
