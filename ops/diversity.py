@@ -24,7 +24,7 @@ TEXT_KINDS = tuple(T.TEXT_KINDS)
               Param("normalize", Kind.BOOL, True, doc="L2-normalise the vectors"),
               Param("max_length", Kind.NUMBER, None, doc="token limit (default: the encoder's own, 256 for MiniLM)"),
               Param("batch", Kind.NUMBER, 64, doc="encoder batch size")],
-    Kind.FEATURES, role="map", version="1", chunk_rows=8192)
+    Kind.FEATURES, role="map", version="2", chunk_rows=8192)
 def embed(ctx, idx, encoder, text="instruction_input", normalize=True, max_length=None, batch=64):
     """Sentence embeddings of each record, cached per record.
 
@@ -36,10 +36,15 @@ def embed(ctx, idx, encoder, text="instruction_input", normalize=True, max_lengt
     """
     model = encoder.load()
     texts = [T.text_for(text, r) for r in ctx.records(idx)]
+    # The loaded encoder is shared by every embed in the process: set the limit only for this call.
+    default_length = model.max_seq_length
     if max_length is not None:
         model.max_seq_length = int(max_length)
-    vectors = model.encode(texts, batch_size=int(batch), normalize_embeddings=bool(normalize),
-                           convert_to_numpy=True, show_progress_bar=False)
+    try:
+        vectors = model.encode(texts, batch_size=int(batch), normalize_embeddings=bool(normalize),
+                               convert_to_numpy=True, show_progress_bar=False)
+    finally:
+        model.max_seq_length = default_length
     return np.asarray(vectors, dtype=np.float32)
 
 

@@ -197,10 +197,13 @@ UNCERTAINTY_KINDS = ("entropy", "least_confidence", "mean_margin", "min_margin")
 
 
 @op("generation_stats", [_model_param(), _template_param(),
-                         Param("max_new_tokens", Kind.NUMBER, 64, doc="cap on the generated answer")],
-    Kind.SCORES, role="map", version="1", family="lm", chunk_rows=512,
+                         Param("max_new_tokens", Kind.NUMBER, 64, doc="cap on the generated answer"),
+                         Param("max_prompt_length", Kind.NUMBER, 512,
+                               doc="prompts longer than this keep their last tokens (one very long prompt "
+                                   "would otherwise pad its whole batch)")],
+    Kind.SCORES, role="map", version="2", family="lm", chunk_rows=512,
     columns=UNCERTAINTY_KINDS + ("tokens",))
-def generation_stats(ctx, idx, model, template="alpaca", max_new_tokens=64):
+def generation_stats(ctx, idx, model, template="alpaca", max_new_tokens=64, max_prompt_length=512):
     """Greedy-generate an answer per record and keep four uncertainty measures of it.
 
     Columns: entropy (mean per-step entropy), least_confidence
@@ -212,7 +215,8 @@ def generation_stats(ctx, idx, model, template="alpaca", max_new_tokens=64):
     lm, tok = _lm(model)
     prompts = [T.render(template, r, tok)[0] for r in ctx.records(idx)]
     out = U.generation_uncertainty(lm, tok, prompts, max_new_tokens=int(max_new_tokens),
-                                   kinds=UNCERTAINTY_KINDS, progress=ctx.advance)
+                                   kinds=UNCERTAINTY_KINDS, progress=ctx.advance,
+                                   max_prompt_tokens=None if max_prompt_length is None else int(max_prompt_length))
     columns = {k: np.asarray(out[k], dtype=np.float64) for k in UNCERTAINTY_KINDS}
     columns["value"] = columns["min_margin"]
     tokens = out.get("tokens", out.get("n_tokens"))
@@ -224,9 +228,10 @@ def generation_stats(ctx, idx, model, template="alpaca", max_new_tokens=64):
                        Param("kind", Kind.STRING, "min_margin",
                              doc="entropy / least_confidence (high = uncertain), mean_margin / min_margin "
                                  "(low = uncertain)", choices=UNCERTAINTY_KINDS),
-                       _template_param(), Param("max_new_tokens", Kind.NUMBER, 64)],
+                       _template_param(), Param("max_new_tokens", Kind.NUMBER, 64),
+                       Param("max_prompt_length", Kind.NUMBER, 512)],
        Kind.SCORES, version="1", family="lm")
-def uncertainty(model=None, kind="min_margin", template=None, max_new_tokens=None):
+def uncertainty(model=None, kind="min_margin", template=None, max_new_tokens=None, max_prompt_length=None):
     """The model's uncertainty over its own greedy answer (Bhatt et al.'s experimental design).
 
     All four kinds come from one generation pass (``generation_stats``), so
@@ -235,8 +240,8 @@ def uncertainty(model=None, kind="min_margin", template=None, max_new_tokens=Non
     """
     if kind not in UNCERTAINTY_KINDS:
         raise ValueError(f"kind must be one of {', '.join(UNCERTAINTY_KINDS)}, written literally")
-    return (f"column(generation_stats({{model}}, template={{template}}, max_new_tokens={{max_new_tokens}}), "
-            f"\"{kind}\")")
+    return (f"column(generation_stats({{model}}, template={{template}}, max_new_tokens={{max_new_tokens}}, "
+            f"max_prompt_length={{max_prompt_length}}), \"{kind}\")")
 
 
 # ------------------------------------------------------------ training
