@@ -1,7 +1,7 @@
 """Shared helpers for the model benchmarks (bench_lm.py, bench_embed.py).
 
 * :func:`pool_path` / :func:`load_pool` / :func:`sample_rows`: the real pool
-  (``/work/shared/data/pools/dolly.jsonl`` when it exists, else the repository's
+  (``../shared/data/pools/dolly.jsonl`` next to the checkout when it exists, else the repository's
   ``examples/pool.jsonl``) read through ``datasel.dsl.data.load_dataset``, and a
   seeded sample of its rows (the pool file is sorted, so its first rows are not
   representative).  The shared data is read in place, never copied into the repo.
@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_POOL = Path("/work/shared/data/pools/dolly.jsonl")
+# The real pools sit next to the checkout (../shared/data); DATASEL_SHARED_DATA overrides.
+SHARED_DATA = Path(os.environ.get("DATASEL_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED_POOL = SHARED_DATA / "pools" / "dolly.jsonl"
 FALLBACK_POOL = REPO / "examples" / "pool.jsonl"
 SAMPLE_SEED = 0
 

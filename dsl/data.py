@@ -311,10 +311,13 @@ def container_of(path: Path) -> str:
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
     if suffix == ".json":
-        # Many ".json" files are really JSON Lines; peek at the first character.
+        # Many ".json" files are really JSON Lines: a JSON array, or one object spanning
+        # the whole file, is a JSON document; anything else is read line by line.
         with open(path, "rb") as f:
             head = f.read(4096).lstrip()
-        return "json" if head.startswith(b"[") or (head.startswith(b"{") and b"\n{" not in head and _single_object(path)) else "jsonl"
+        if head.startswith(b"[") or (head.startswith(b"{") and _single_object(path)):
+            return "json"
+        return "jsonl"
     if suffix in (".parquet", ".pq"):
         return "parquet"
     raise DataError(f"{path}: unknown file type {suffix!r} (expected .jsonl, .json, .parquet or a datasets folder)")

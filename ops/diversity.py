@@ -23,9 +23,11 @@ TEXT_KINDS = tuple(T.TEXT_KINDS)
               Param("text", Kind.STRING, "instruction_input", doc="what to embed", choices=TEXT_KINDS),
               Param("normalize", Kind.BOOL, True, doc="L2-normalise the vectors"),
               Param("max_length", Kind.NUMBER, None, doc="token limit (default: the encoder's own, 256 for MiniLM)"),
-              Param("batch", Kind.NUMBER, 64, doc="encoder batch size")],
+              Param("batch", Kind.NUMBER, None,
+                    doc="encoder batch size; default 16 on CPU (less padding beats bigger batches there: "
+                        "1.25x over 64 on MiniLM), 128 on CUDA")],
     Kind.FEATURES, role="map", version="2", chunk_rows=8192)
-def embed(ctx, idx, encoder, text="instruction_input", normalize=True, max_length=None, batch=64):
+def embed(ctx, idx, encoder, text="instruction_input", normalize=True, max_length=None, batch=None):
     """Sentence embeddings of each record, cached per record.
 
     ``text`` picks the rendering: ``instruction``, ``instruction_input``
@@ -34,15 +36,20 @@ def embed(ctx, idx, encoder, text="instruction_input", normalize=True, max_lengt
     ``alpaca_prompt``, ``alpaca_full``, ``nuggets_full``.  Batches are sorted by
     length (sentence-transformers' ``encode``).
     """
+    import torch
+
     model = encoder.load()
     texts = [T.text_for(text, r) for r in ctx.records(idx)]
     # The loaded encoder is shared by every embed in the process: set the limit only for this call.
     default_length = model.max_seq_length
     if max_length is not None:
         model.max_seq_length = int(max_length)
+    if batch is None:
+        batch = 128 if str(model.device).startswith("cuda") else 16
     try:
-        vectors = model.encode(texts, batch_size=int(batch), normalize_embeddings=bool(normalize),
-                               convert_to_numpy=True, show_progress_bar=False)
+        with torch.inference_mode():
+            vectors = model.encode(texts, batch_size=int(batch), normalize_embeddings=bool(normalize),
+                                   convert_to_numpy=True, show_progress_bar=False)
     finally:
         model.max_seq_length = default_length
     return np.asarray(vectors, dtype=np.float32)
