@@ -190,17 +190,22 @@ def _with_given(subset: np.ndarray, given) -> tuple[np.ndarray, np.ndarray]:
                  Param("given", Kind.SELECTOR, None, doc="records already selected (they count as covered)"),
                  Param("seed", Kind.NUMBER, 0),
                  Param("coverage", Kind.STRING, "mean",
-                       doc="with quality: mean = FL divided by the number of records, so α weighs two terms on "
-                           "the same [0, 1] per-record scale; sum = the raw FL sum", choices=("mean", "sum"))],
-    Kind.SELECTOR, role="selector", version="1", costly=True)
+                       doc="with quality: mean = (1−α)·mean coverage + α·mean quality of the picks, two "
+                           "averages on one [0, 1] scale; sum = (1−α)·FL + α·Σq, the raw sums",
+                       choices=("mean", "sum"))],
+    Kind.SELECTOR, role="selector", version="2", costly=True)
 def facility(ctx, subset, features, k, kernel="cosine", quality=None, alpha=0.0, knn=None, optimizer="lazy",
              epsilon=0.01, gamma=None, given=None, seed=0, coverage="mean"):
     """Facility location: pick records so that every record has a similar pick (greedy, in pick order).
 
     Maximises Σ_v max_{a∈S} s(v, a) over the records that reach it, with
     exact lazy greedy (identical picks to the plain greedy, ties to the earlier
-    record).  ``quality`` + ``alpha`` give QDIT's (1−α)·FL + α·Σ q; normalise
-    the quality first (``minmax(...)``) when its scale differs from FL's.
+    record).  ``quality`` + ``alpha`` give QDIT's trade-off.  By default both
+    terms are averages — (1−α)·(FL / records covered) + α·(Σq / k), the mean
+    coverage of the pool and the mean quality of the k picks — so a quality
+    in [0, 1] (``minmax(...)``) and coverage weigh the same at α = 0.5;
+    ``coverage="sum"`` uses the raw sums (1−α)·FL + α·Σq.  The budget k is
+    fixed, so this is the same objective up to the weights.
     ``knn`` switches to the sparse objective for large pools; ``optimizer=
     "stochastic"`` trades exactness for speed.
     """
@@ -218,8 +223,8 @@ def facility(ctx, subset, features, k, kernel="cosine", quality=None, alpha=0.0,
     X = _features(features, rows_all, "facility")
     q_all = None
     if q is not None:
-        # (1−α)·FL/|V| + α·Σq has the same maximiser as (1−α)·FL + α·|V|·Σq.
-        scale = float(len(rows_all)) if coverage == "mean" else 1.0
+        # (1−α)·FL/|V| + α·Σq/k has the same maximiser as (1−α)·FL + α·(|V|/k)·Σq.
+        scale = float(len(rows_all)) / n if coverage == "mean" else 1.0
         q_all = np.zeros(len(rows_all))
         q_all[np.searchsorted(rows_all, rows)] = q * scale
     result = facility_location(

@@ -208,7 +208,9 @@ def test_qdit(pool120, tiny_llama, tmp_path):
     # quality = rank(-loss): the lowest loss gets 1, the highest 0, monotone in between
     assert q[np.argmin(loss)] == pytest.approx(1.0) and q[np.argmax(loss)] == pytest.approx(0.0)
     assert (np.diff(q[np.argsort(loss, kind="stable")]) <= 1e-12).all()
-    expected = _naive_facility(np.maximum(_cos(E), 0.0), int(N * 0.06), quality=q, alpha=0.5, scale=float(N))
+    # coverage="mean": (1−α)·FL/|V| + α·Σq/k  ⇔  (1−α)·FL + α·(|V|/k)·Σq
+    expected = _naive_facility(np.maximum(_cos(E), 0.0), int(N * 0.06), quality=q, alpha=0.5,
+                               scale=float(N) / int(N * 0.06))
     assert got == expected
 
 

@@ -210,12 +210,13 @@ def _minmax(x):
     return (x - x.min()) / (x.max() - x.min())
 
 
-@pytest.mark.parametrize("alpha", [0.02, 0.1])
+@pytest.mark.parametrize("alpha", [0.1, 0.4])
 def test_facility_quality_mean_coverage(env, alpha):
+    # coverage="mean": (1−α)·FL/|V| + α·Σq/k, i.e. quality scaled by |V|/k against the raw FL
     qn = _minmax(env.q)
     got = select(env, f'select facility({EMB}, 6, quality=minmax(field("q")), alpha={alpha})')
     S = cos_kernel(env.E)
-    expected = naive_greedy(S, 6, quality=qn, alpha=alpha, scale=float(N_POOL))
+    expected = naive_greedy(S, 6, quality=qn, alpha=alpha, scale=float(N_POOL) / 6)
     assert got == expected
     # the quality term really changes the outcome relative to either extreme
     assert expected != naive_greedy(S, 6)
@@ -239,7 +240,7 @@ def test_facility_quality_after_filter(env):
     got = select(env, f'select length > 40 | facility({EMB}, 5, quality=minmax(field("q")), alpha=0.05)')
     qs = env.q[surv]
     qn = (qs - qs.min()) / (qs.max() - qs.min())  # minmax over the records it is evaluated on
-    expected = naive_greedy(cos_kernel(env.E[surv]), 5, quality=qn, alpha=0.05, scale=float(len(surv)))
+    expected = naive_greedy(cos_kernel(env.E[surv]), 5, quality=qn, alpha=0.05, scale=float(len(surv)) / 5)
     assert got == [int(surv[p]) for p in expected]
 
 
