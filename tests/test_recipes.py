@@ -209,7 +209,7 @@ def test_qdit(pool120, tiny_llama, tmp_path):
     assert q[np.argmin(loss)] == pytest.approx(1.0) and q[np.argmax(loss)] == pytest.approx(0.0)
     assert (np.diff(q[np.argsort(loss, kind="stable")]) <= 1e-12).all()
     # coverage="mean": (1−α)·FL/|V| + α·Σq/k  ⇔  (1−α)·FL + α·(|V|/k)·Σq
-    expected = _naive_facility(np.maximum(_cos(E), 0.0), int(N * 0.06), quality=q, alpha=0.5,
+    expected = _naive_facility(np.maximum(_cos(E), 0.0), int(N * 0.06), quality=q, alpha=0.2,
                                scale=float(N) / int(N * 0.06))
     assert got == expected
 
