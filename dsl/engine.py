@@ -165,6 +165,9 @@ class Engine:
         # group selection key -> (sizes of all groups of its partition, its position)
         self._groups: dict[str, tuple[tuple[int, ...], int]] = {}
         self._quotas: dict[tuple, list[int]] = {}
+        # Seconds spent in nested timers, per open timer: inputs evaluated lazily inside an
+        # op are charged to their own node, not to the op that pulled them.
+        self._timer_children: list[float] = []
         self._log = log or (lambda msg: print(msg, file=sys.stderr))
         cache.on_corrupt = self._corrupt
 
@@ -592,10 +595,15 @@ class Engine:
     @contextmanager
     def _timed(self, node: Node):
         started = time.perf_counter()
+        self._timer_children.append(0.0)
         try:
             yield
         finally:
-            self.stats[node.id].seconds += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            children = self._timer_children.pop()
+            self.stats[node.id].seconds += max(0.0, elapsed - children)
+            if self._timer_children:
+                self._timer_children[-1] += elapsed
 
     def _op_error(self, node: Node, exc: Exception) -> OpError:
         message = str(exc) or type(exc).__name__

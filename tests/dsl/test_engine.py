@@ -201,6 +201,22 @@ def test_interrupted_map_op_keeps_finished_chunks(run_recipe, monkeypatch):
     assert out.selected == [9, 8]
 
 
+def test_lazily_pulled_input_time_is_charged_to_the_input(run_recipe, monkeypatch):
+    """topk pulls `length` lazily inside its own call; the manifest charges that time to `length`."""
+    import time as _time
+    spec = registry.get("length")
+    real = spec.fn
+
+    def slow(ctx, idx, **kw):
+        _time.sleep(0.5)
+        return real(ctx, idx, **kw)
+
+    monkeypatch.setattr(spec, "fn", slow)
+    out = run_recipe("select topk(length, 2)", pool_records(10))
+    assert out.node("length")["seconds"] >= 0.5
+    assert out.node("topk")["seconds"] < out.node("length")["seconds"]
+
+
 def test_runtime_error_names_op_and_recipe_position(run_recipe, monkeypatch):
     def broken(ctx, idx, **kw):
         raise ValueError("cannot read the field")
