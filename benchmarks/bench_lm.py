@@ -68,7 +68,7 @@ def _load(dtype: str, device: str):
 def _setup(name: str, dtype: str = "float32"):
     """``(model, tokenizer, device)`` or a skip result dict."""
     try:
-        import torch  # noqa: F401
+        import torch  # noqa: F401  (fail early, with the skip reason, when torch is missing)
 
         device = torch_device()
         model, tok = _load(dtype, device)

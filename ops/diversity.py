@@ -282,7 +282,7 @@ def novelsum(ctx, subset, features, k, alpha=1.0, beta=0.5, knn=10, density="sum
                      choices=("pair", "chat")),
                Param("max_length", Kind.NUMBER, 512), Param("batch", Kind.NUMBER, 16),
                Param("label", Kind.NUMBER, 0, doc="which output logit is the reward")],
-    Kind.SCORES, role="map", version="1", chunk_rows=2048)
+    Kind.SCORES, role="map", version="1", chunk_rows=512)
 def reward(ctx, idx, model, format="pair", max_length=512, batch=16, label=0):
     """Reward-model score of each record's response (QDIT's quality), higher = better.
 

@@ -56,7 +56,7 @@ def _lm(model):
              Param("target", Kind.STRING, "answer",
                    doc="answer: score the response; prompt: score the rendered prompt itself with no context "
                        "(CherryLLM's instruction perplexity)", choices=("answer", "prompt"))],
-    Kind.SCORES, role="map", version="1", family="lm", chunk_rows=2048, columns=("value", "sum", "count"))
+    Kind.SCORES, role="map", version="1", family="lm", chunk_rows=512, columns=("value", "sum", "count"))
 def loss(ctx, idx, model, given="prompt", template="alpaca", max_length=512, eos=False, direct_bos="eos",
          slack=None, target="answer"):
     """Mean answer-token cross-entropy of each record under a language model.
@@ -178,7 +178,7 @@ def lp(run=None, epoch=1, approx=False, epochs=3, template=None, max_length=None
                Param("text", Kind.STRING, "alpaca_full_eos", doc="what to encode", choices=TEXT_KINDS),
                Param("max_length", Kind.NUMBER, 512),
                Param("normalize", Kind.BOOL, False, doc="L2-normalise the vectors")],
-    Kind.FEATURES, role="map", version="1", family="lm", chunk_rows=2048)
+    Kind.FEATURES, role="map", version="1", family="lm", chunk_rows=512)
 def hidden(ctx, idx, model, layer=-1, pool="mean", text="alpaca_full_eos", max_length=512, normalize=False):
     """Pooled hidden states of a language model as features (DiverseEvol, CherryLLM's pre-experience).
 

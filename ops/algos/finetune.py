@@ -276,6 +276,10 @@ def default_target_modules(model) -> list[str]:
 # identity, checkpoints
 
 
+def _nothing_to_restore() -> None:
+    pass
+
+
 def _hash_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -519,7 +523,7 @@ def _finetune_locked(given, base_model, tokenizer, base_spec, base_fp, examples,
     }
 
     # -- the model to train
-    restore: Callable[[], None] = lambda: None
+    restore: Callable[[], None] = _nothing_to_restore
     if not given:
         dt = resolve_dtype(None, dev) if lora else torch.float32
         base_model, _ = load_causal_lm(base_spec, dtype=dt, device=dev, cache_dir=cache_dir, memo=False)
@@ -530,10 +534,12 @@ def _finetune_locked(given, base_model, tokenizer, base_spec, base_fp, examples,
         flags = {n: p.requires_grad for n, p in base_model.named_parameters()}
         was_training = base_model.training
 
-        def restore(m=base_model, flags=flags, was_training=was_training):
+        def restore_flags(m=base_model, flags=flags, was_training=was_training):
             for n, p in m.named_parameters():
                 p.requires_grad_(flags.get(n, p.requires_grad))
             m.train(was_training)
+
+        restore = restore_flags
 
     cuda_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     peft_model = None
@@ -650,7 +656,6 @@ def load_checkpoint(path: str | os.PathLike, base_loader: Callable[[str], Any] |
     model is returned, so scoring runs the same code as for any other model;
     ``merge=False`` returns the ``PeftModel``.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     folder = Path(path)

@@ -498,7 +498,6 @@ def load_causal_lm(
     instance).  Raises :class:`ModelNotAvailable` when the model cannot be had
     without the network.
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)

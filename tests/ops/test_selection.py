@@ -69,13 +69,13 @@ def test_nan_scores_excluded_and_counted(run_recipe, op):
 # ------------------------------------------------------------------ random
 def test_random_reproducible_and_documented_draw(run_recipe, tmp_path):
     pool = pool_s(list(range(10)))
-    a = run_recipe(f"select random(3, seed=7)", pool, cache=tmp_path / "c1").selected
-    b = run_recipe(f"select random(3, seed=7)", pool, cache=tmp_path / "c2").selected
+    a = run_recipe("select random(3, seed=7)", pool, cache=tmp_path / "c1").selected
+    b = run_recipe("select random(3, seed=7)", pool, cache=tmp_path / "c2").selected
     assert a == b
     assert len(set(a)) == 3 and set(a) <= set(range(10))
     # numpy PCG64 with the seed, a permutation of the input rows, first k in draw order
     assert a == np.random.default_rng(7).permutation(10)[:3].tolist()
-    other = run_recipe(f"select random(3, seed=8)", pool, cache=tmp_path / "c1").selected
+    other = run_recipe("select random(3, seed=8)", pool, cache=tmp_path / "c1").selected
     assert other == np.random.default_rng(8).permutation(10)[:3].tolist()
     assert other != a
 
