@@ -12,7 +12,6 @@ count in the manifest.
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 
@@ -285,9 +284,7 @@ def finetune(ctx, model, data, epochs=1, lr=None, lora=True, lora_r=8, lora_alph
     pairs = [T.render(template, r, tok) for r in records]
     out_dir = ctx.work_dir()
     total = len(pairs) * int(epochs)
-    with ctx.progress(total, f"finetune {base.spec} on {len(pairs)} records") as bar, warnings.catch_warnings():
-        # peft calls a transformers method that warns about its own deprecation on every step.
-        warnings.simplefilter("ignore", FutureWarning)
+    with ctx.progress(total, f"finetune {base.spec} on {len(pairs)} records") as bar:
         paths = F.finetune(base.spec, pairs, out_dir=out_dir, epochs=int(epochs), lr=lr, lora=bool(lora),
                            lora_r=int(lora_r), lora_alpha=int(lora_alpha), batch_size=int(batch),
                            max_length=int(max_length), seed=int(seed), schedule=schedule,

@@ -280,6 +280,15 @@ def _nothing_to_restore() -> None:
     pass
 
 
+@contextlib.contextmanager
+def _peft_quietly():
+    """peft (0.21) calls a transformers method that warns about its own deprecation; the
+    warning is about peft's code, not the user's, so it is hidden while peft wraps a model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _hash_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -556,7 +565,8 @@ def _finetune_locked(given, base_model, tokenizer, base_spec, base_fp, examples,
                 lcfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                   target_modules=targets, bias="none", task_type="CAUSAL_LM",
                                   fan_in_fan_out=conv1d)
-                peft_model = get_peft_model(base_model, lcfg)
+                with _peft_quietly():
+                    peft_model = get_peft_model(base_model, lcfg)
                 train_model = peft_model
             else:
                 train_model = base_model
@@ -680,7 +690,7 @@ def load_checkpoint(path: str | os.PathLike, base_loader: Callable[[str], Any] |
         base = base[0]
     if any(base is m for m in memoised_models()):
         base = copy.deepcopy(base)  # never inject adapters into a shared instance
-    with hub_offline():
+    with hub_offline(), _peft_quietly():
         model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
     if merge:
         model = model.merge_and_unload()
