@@ -74,19 +74,25 @@ def bottomk(ctx, subset, scores, k: Budget, chunks="exact"):
 
 @op("band", [Param("scores", Kind.SCORES, doc="values"),
              Param("lo", Kind.NUMBER, 25, doc="lower percentile (0-100)"),
-             Param("hi", Kind.NUMBER, 75, doc="upper percentile (0-100)")],
+             Param("hi", Kind.NUMBER, 75, doc="upper percentile (0-100)"),
+             Param("min_size", Kind.NUMBER, 0,
+                   doc="inputs with fewer scored records than this are kept whole (CherryLLM: 10)")],
     Kind.SELECTOR, role="selector", version="1")
-def band(ctx, subset, scores, lo=25, hi=75):
+def band(ctx, subset, scores, lo=25, hi=75, min_size=0):
     """Keep the records whose score lies between the lo-th and hi-th percentiles of the input (inclusive).
 
     Percentiles use linear interpolation (numpy's default) over the scored
     records that reach the selector, so under a partition the band is per
-    group (CherryLLM's middle-perplexity band per cluster).  Pool order.
+    group (CherryLLM's middle-perplexity band per cluster).  An input with
+    fewer than ``min_size`` scored records is kept whole, as CherryLLM does
+    for clusters under its 10 per-cluster samples.  Pool order.
     """
     if not 0 <= lo <= hi <= 100:
         raise ValueError(f"need 0 <= lo <= hi <= 100, got lo={lo}, hi={hi}")
+    if min_size < 0:
+        raise ValueError(f"min_size must be >= 0, got {min_size}")
     rows, values = scored_rows(ctx, subset, scores, "band")
-    if len(rows) == 0:
+    if len(rows) < min_size or len(rows) == 0:
         return rows
     low, high = np.percentile(values, [lo, hi])
     return rows[(values >= low) & (values <= high)]

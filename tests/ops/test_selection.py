@@ -117,6 +117,41 @@ def test_sample_random_is_random(run_recipe):
     assert a == run_recipe("select random(3, seed=4)", pool).selected
 
 
+# -------------------------------------------------------------------- band
+@pytest.mark.parametrize("recipe, expected", [
+    # scores 0..10: 25th percentile 2.5, 75th 7.5 (linear interpolation) -> 3..7, pool order
+    (f"select band({S})", [3, 4, 5, 6, 7]),
+    (f"select band({S}, 0, 100)", list(range(11))),
+    (f"select band({S}, 50, 50)", [5]),
+    # 10th percentile 1.0 exactly: inclusive bounds keep the record scored 1
+    (f"select band({S}, 10, 20)", [1, 2]),
+    (f"select {S} >= 4 | band({S}, 25, 75)", [6, 7, 8]),  # over the survivors 4..10: 5.5 .. 8.5
+])
+def test_band(run_recipe, recipe, expected):
+    assert run_recipe(recipe, pool_s(list(range(11)))).selected == expected
+
+
+def test_band_per_group_and_min_size(run_recipe):
+    # group a: scores 0..7 (8 records); group b: 10, 20, 30 (3 records).
+    pool = pool_s(list(range(8)) + [10, 20, 30])
+    for i, r in enumerate(pool):
+        r["cat"] = "a" if i < 8 else "b"
+    # a: 25th 1.75, 75th 5.25 -> 2..5; b: 15 .. 25 -> only 20 (row 9)
+    assert run_recipe(f'select groups("cat") | band({S})', pool).selected == [2, 3, 4, 5, 9]
+    # min_size 4: b (3 records) is kept whole, a (8) is banded as before
+    assert run_recipe(f'select groups("cat") | band({S}, min_size=4)', pool).selected == [2, 3, 4, 5, 8, 9, 10]
+    # min_size 9: both groups are smaller, everything is kept
+    assert run_recipe(f'select groups("cat") | band({S}, min_size=9)', pool).selected == list(range(11))
+
+
+def test_band_drops_unscored_and_rejects_bad_bounds(run_recipe):
+    out = run_recipe(f"select band({S}, 0, 100)", TIES)
+    assert out.selected == [0, 1, 2, 4, 5, 6]
+    assert sum(out.manifest["exclusions"].values()) == 1
+    with pytest.raises(Exception, match="lo <= hi"):
+        run_recipe(f"select band({S}, 80, 20)", TIES)
+
+
 # ------------------------------------------------------------- comparisons
 CMP = pool_s([1, 2, 3, None, 2])
 
