@@ -151,3 +151,22 @@ def test_weighted_rank_combination(run_recipe):
     # rank(s) = [0, 1/3, 2/3, 1], rank(b) = [2/3, 0, 1, 1/3]; half each: [1/3, 1/6, 5/6, 2/3]
     out = run_recipe('select topk(0.5*rank(field("s")) + 0.5*rank(field("b")), 3)', pool)
     assert out.selected == [2, 3, 0]
+
+
+def test_ratio_is_nan_where_the_denominator_is_zero(eval_expr, run_recipe):
+    pool = [{"instruction": f"t{i}", "input": "", "output": "o", "a": a, "b": b}
+            for i, (a, b) in enumerate([(1, 2), (3, 0), (0, 5), (-4, 2), (2, None)])]
+    for r in pool:
+        if r["b"] is None:
+            del r["b"]
+    assert_values(eval_expr('ratio(field("a"), field("b"))', pool), [0.5, nan, 0, -2, nan])
+    # plain division gives inf there, which would rank first; ratio leaves the row out, counted
+    out = run_recipe('select topk(ratio(field("a"), field("b")), 5)', pool)
+    assert out.selected == [0, 2, 3]
+    assert sum(out.manifest["exclusions"].values()) == 2
+
+
+def test_exp_and_log(eval_expr):
+    pool = pool_s([0, 1, 2.5, None])
+    assert_values(eval_expr('exp(field("s"))', pool), [1, math.e, math.exp(2.5), nan])
+    assert_values(eval_expr('log(exp(field("s")))', pool), [0, 1, 2.5, nan])
