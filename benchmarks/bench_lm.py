@@ -205,7 +205,7 @@ def _warm(model, tok, prompts, answers, device):
 
 def bench_ifd(quick: bool) -> dict:
     name = "ifd"
-    n = rows_override(32 if quick else 256)
+    n = rows_override(16 if quick else 256)
     setup = _setup(name)
     if isinstance(setup, dict):
         return setup
@@ -286,7 +286,7 @@ def bench_ifd(quick: bool) -> dict:
 
 def bench_loss(quick: bool) -> dict:
     name = "loss"
-    n = rows_override(32 if quick else 256)
+    n = rows_override(16 if quick else 256)
     setup = _setup(name)
     if isinstance(setup, dict):
         return setup
@@ -351,7 +351,7 @@ def bench_loss(quick: bool) -> dict:
 
 def bench_hidden(quick: bool) -> dict:
     name = "hidden"
-    n = rows_override(32 if quick else 256)
+    n = rows_override(16 if quick else 256)
     setup = _setup(name)
     if isinstance(setup, dict):
         return setup
@@ -410,7 +410,7 @@ def bench_hidden(quick: bool) -> dict:
 
 def bench_uncertainty(quick: bool) -> dict:
     name = "uncertainty"
-    n = rows_override(32 if quick else 64)
+    n = rows_override(16 if quick else 64)
     max_new = new_tokens_override(16 if quick else 32)
     setup = _setup(name)
     if isinstance(setup, dict):
