@@ -461,7 +461,16 @@ class Engine:
             if isinstance(value, Budget) and value.fraction is not None and not value.of_pool:
                 memo = (sizes, value.fraction)
                 if memo not in self._quotas:
-                    self._quotas[memo] = largest_remainder(value.fraction, sizes)
+                    quotas = largest_remainder(value.fraction, sizes)
+                    self._quotas[memo] = quotas
+                    starved = sum(1 for q, n in zip(quotas, sizes) if n and not q)
+                    if starved and not self.probe:
+                        # Which groups go without is then decided by remainders and group
+                        # numbers, not by the selector's scores: worth telling the user.
+                        self.warn(f"{node.label()}: {value} of {sum(sizes)} records is {sum(quotas)}, fewer "
+                                  f"than the {sum(1 for n in sizes if n)} non-empty groups, so {starved} "
+                                  f"{'group gets' if starved == 1 else 'groups get'} none (largest remainder, ties to the lower group number); use fewer "
+                                  f"groups or a larger budget")
                 out[p.name] = Budget(count=self._quotas[memo][position])
         return out
 

@@ -128,3 +128,13 @@ def test_groups_rerun_is_cached(run_recipe):
     assert second.selected == first.selected
     assert all(n["status"] == "cached" for n in second.manifest["nodes"])
     assert np.sum([n["rows_computed"] for n in second.manifest["nodes"]]) == 0
+
+
+def test_budget_smaller_than_the_number_of_groups_warns(run_recipe):
+    # 34% of 7 = 2 picks for 3 groups: the "missing" group gets none, decided by remainders.
+    out = run_recipe(f'select groups("cat") | topk({S}, 34%)', CATS)
+    assert out.selected == [2, 1]
+    [warning] = out.manifest["warnings"]
+    assert "fewer than the 3 non-empty groups, so 1 group gets none" in warning
+    # 50%: every group gets one, no warning
+    assert run_recipe(f'select groups("cat") | topk({S}, 50%)', CATS).manifest["warnings"] == []
