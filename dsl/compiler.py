@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,12 @@ def prelude_source() -> Source:
     return Source(f"<prelude>/{PRELUDE_NAME}", text)
 
 
+def shipped_recipes() -> list[str]:
+    """Names of the recipes shipped with the package (without ``.sel``), prelude excluded."""
+    root = importlib.resources.files("datasel.recipes")
+    return sorted(p.name[:-4] for p in root.iterdir() if p.name.endswith(".sel") and p.name != PRELUDE_NAME)
+
+
 def recipe_source(path_or_text: str | Path, *, name: str | None = None) -> Source:
     """A recipe from a file path, or from text when ``name`` is given.
 
@@ -36,7 +43,12 @@ def recipe_source(path_or_text: str | Path, *, name: str | None = None) -> Sourc
         )
         if shipped.is_file() and path.name != PRELUDE_NAME and len(path.parts) == 1:
             return Source(f"<recipes>/{shipped.name}", shipped.read_text(encoding="utf-8"))
-        raise FileNotFoundError(f"{path}: no such recipe file")
+        hint = ""
+        if len(path.parts) == 1:
+            names = shipped_recipes()
+            close = difflib.get_close_matches(path.stem, names, n=1)
+            hint = (f"; did you mean {close[0]!r}?" if close else "") + f" (shipped recipes: {', '.join(names)})"
+        raise FileNotFoundError(f"{path}: no such recipe file{hint}")
     try:
         return Source(str(path), path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:

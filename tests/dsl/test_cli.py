@@ -176,6 +176,15 @@ def test_missing_files_exit_1(cli, recipe, pool, tmp_path):
     assert res.code == 1
 
 
+def test_unknown_recipe_name_suggests_a_shipped_one(cli, pool):
+    res = cli("run", "superfilter", "--pool", pool)
+    assert res.code == 1
+    assert "did you mean 'superfiltering'?" in res.err
+    assert "shipped recipes: cherry, " in res.err and "prelude" not in res.err
+    res = cli("compile", "zzzz")
+    assert res.code == 1 and "did you mean" not in res.err and "shipped recipes:" in res.err
+
+
 def test_usage_errors_exit_2(cli, recipe, pool):
     assert cli("run", recipe(), "--pool", pool, "--bogus").code == 2
     assert cli("run", recipe()).code == 2  # --pool is required
