@@ -222,6 +222,8 @@ class Cache:
             yield {"kind": "work", "key": work.name, "op": "work", "bytes": size,
                    "last_used": work.stat().st_mtime, "path": str(work)}
         for model in sorted((self.root / "models").iterdir()):
+            if model.name.startswith("."):
+                continue  # the lock file guarding a model's materialisation, not an entry
             size = sum(p.stat().st_size for p in model.rglob("*") if p.is_file())
             yield {"kind": "model", "key": model.name, "op": "model", "bytes": size,
                    "last_used": model.stat().st_mtime, "path": str(model)}

@@ -238,7 +238,7 @@ def cmd_cache(args) -> int:
             t[1] += e["bytes"]
         grand = 0
         for name, (count, size) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
-            print(f"{_size(size):>9}  {count:>5} entries  {name}")
+            print(f"{_size(size):>9}  {count:>5} {'entry  ' if count == 1 else 'entries'}  {name}")
             grand += size
         print(f"{_size(grand):>9}  total in {cache.root}")
         return EXIT_OK

@@ -413,3 +413,13 @@ def test_entries_describe_objects_and_maps(cache):
     assert entries["map"]["op"] == "length"
     assert entries["map"]["rows"] == 3
     assert entries["map"]["shards"] == 2
+
+
+def test_entries_list_model_folders_not_their_lock_files(cache):
+    models = cache.root / "models"
+    (models / "tiny-model-abc").mkdir(parents=True)
+    (models / "tiny-model-abc" / "config.json").write_text("{}", encoding="utf-8")
+    (models / ".tiny-model-abc.lock").write_text("", encoding="utf-8")
+    found = [e for e in cache.entries() if e["kind"] == "model"]
+    assert [e["key"] for e in found] == ["tiny-model-abc"]
+    assert found[0]["bytes"] == 2
