@@ -18,13 +18,14 @@ and for IVF recall (no cluster structure).
 
 from __future__ import annotations
 
-import resource
 import time
 
 import numpy as np
 
 from datasel.ops.algos.facility import build_knn_graph, facility_location, facility_value
 from datasel.ops.algos.kernels import similarity_matrix
+
+from _common import peak_rss_gb
 
 D = 384
 
@@ -42,18 +43,6 @@ def _reset_peak_rss() -> None:
             fh.write("5")
     except OSError:
         pass
-
-
-def _peak_rss_gb() -> float:
-    """Process peak resident set size (VmHWM), GB."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) * 1024 / 1e9, 3)
-    except OSError:
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3)
 
 
 def _naive_greedy(S: np.ndarray, k: int) -> tuple[np.ndarray, float]:
@@ -100,7 +89,7 @@ def bench_facility(quick: bool) -> dict:
     cpu0 = time.process_time()
     res = facility_location(X, k, kernel="cosine")
     ours_cpu = time.process_time() - cpu0
-    peak_ours = _peak_rss_gb()
+    peak_ours = peak_rss_gb()
     stoch = facility_location(X, k, kernel="cosine", optimizer="stochastic", epsilon=0.01, seed=0)
 
     t0 = time.perf_counter()
@@ -144,7 +133,7 @@ def bench_facility(quick: bool) -> dict:
         "stochastic_value_ratio": round(stoch.value / res.value, 5),
         "stochastic_sample": stoch.info["sample_size"],
         "peak_rss_gb_ours": peak_ours,
-        "peak_rss_gb_process": _peak_rss_gb(),
+        "peak_rss_gb_process": peak_rss_gb(),
     }
 
 
@@ -173,7 +162,7 @@ def bench_facility_sparse(quick: bool) -> dict:
     graph_cpu = time.process_time() - c0
     res = facility_location(X, k, kernel="cosine", knn=graph)
     ours_s = res.info["select_s"]
-    peak_ours = _peak_rss_gb()
+    peak_ours = peak_rss_gb()
     recall = _recall(X, graph, m)
 
     # apricot on the same sparse objective: row a of the CSR = candidate a's similarities to the rows v with a in N(v)
@@ -208,7 +197,7 @@ def bench_facility_sparse(quick: bool) -> dict:
         "value": round(res.value, 4),
         "evaluations": res.evaluations,
         "peak_rss_gb_ours": peak_ours,
-        "peak_rss_gb_process": _peak_rss_gb(),
+        "peak_rss_gb_process": peak_rss_gb(),
     }
 
 
