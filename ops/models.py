@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +171,8 @@ class Checkpoints:
     paths: list[Path]
     key: str
     info: dict = field(default_factory=dict)
+    # One Checkpoint per epoch, so a checkpoint's loaded model is reused by every chunk of a run.
+    _checkpoints: dict = field(default_factory=dict, repr=False)
 
     @property
     def epochs(self) -> int:
@@ -182,7 +182,9 @@ class Checkpoints:
         if not -len(self.paths) <= epoch < len(self.paths):
             raise ValueError(f"epoch {epoch} does not exist: this run has epochs 0..{self.epochs}")
         number = epoch % len(self.paths)
-        return Checkpoint(self.base, self.paths[number], f"{self.key}:{number}", number)
+        if number not in self._checkpoints:
+            self._checkpoints[number] = Checkpoint(self.base, self.paths[number], f"{self.key}:{number}", number)
+        return self._checkpoints[number]
 
     def load(self):
         """A fine-tuned model used as a plain model means its last checkpoint."""
@@ -214,12 +216,10 @@ class Checkpoint:
             quiet_transformers()
 
             def base_loader(spec):
-                with lm_loading.hub_offline():
-                    return lm_loading.load_causal_lm(self.base.spec, dtype=self.base.dtype, device=self.base.device,
-                                                     cache_dir=self.base.cache_root, memo=False)
+                return lm_loading.load_causal_lm(self.base.spec, dtype=self.base.dtype, device=self.base.device,
+                                                 cache_dir=self.base.cache_root, memo=False)
 
             model = finetune.load_checkpoint(self.path, base_loader, dtype=self.base.dtype, device=self.base.device)
-            model = model[0] if isinstance(model, tuple) else model
             _, tokenizer = self.base.load()
             self._loaded = (model, tokenizer)
         return self._loaded
@@ -251,6 +251,3 @@ def checkpoint(ctx, run, epoch=-1):
         raise ValueError("checkpoint needs the result of finetune(...)")
     return run.at(int(epoch))
 
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

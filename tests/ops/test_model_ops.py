@@ -242,6 +242,25 @@ def test_checkpoint_zero_scores_like_the_base_model(write_pool, tiny_llama_dir, 
     np.testing.assert_allclose(after, reference_loss(ck, tok, RECORDS), rtol=1e-4)
 
 
+def test_fine_tuned_model_is_loaded_once_for_all_chunks(write_pool, tiny_llama_dir, tmp_path, monkeypatch):
+    from datasel.ops import registry
+    from datasel.ops.algos import finetune
+
+    pool = write_pool(RECORDS)
+    recipe = tmp_path / "ft.sel"
+    recipe.write_text(f'ft = finetune(hf("{tiny_llama_dir}"), data=random(4, seed=0), epochs=1, lr=0.05, batch=2)\n'
+                      "select topk(loss(ft), 2)\n")
+    _evaluate("loss(checkpoint(ft, 0))", pool, recipe=recipe)  # trains the run (cached for the next call)
+    loads = []
+    real = finetune.load_checkpoint
+    monkeypatch.setattr(finetune, "load_checkpoint", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(registry.get("loss"), "chunk_rows", 3)  # several chunks
+    chunked = _evaluate("loss(ft)", pool, recipe=recipe)
+    assert len(RECORDS) > 3 and np.isfinite(chunked).all()
+    assert len(loads) == 1, loads
+    np.testing.assert_allclose(chunked, _evaluate("loss(checkpoint(ft, 1))", pool, recipe=recipe), rtol=1e-6)
+
+
 def test_checkpoint_errors(cli, write_pool, tiny_llama_dir, tmp_path):
     pool = write_pool(RECORDS)
     res = cli("eval", f'loss(checkpoint(finetune(hf("{tiny_llama_dir}"), data=random(2), epochs=1), 3))',
