@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from datasel.ops.algos import templates as T
+from datasel.ops.algos import uncertainty as U
 from datasel.ops.registry import Kind, Param, Ref, macro, op
 
 TEMPLATE_NAMES = tuple(T.TEMPLATES)
@@ -194,7 +195,7 @@ def hidden(ctx, idx, model, layer=-1, pool="mean", text="alpaca_full_eos", max_l
 
 
 # --------------------------------------------------------- uncertainty
-UNCERTAINTY_KINDS = ("entropy", "least_confidence", "mean_margin", "min_margin")
+UNCERTAINTY_KINDS = U.DEFAULT_KINDS  # the four the op stores; sequence_logprob is not one of them
 
 
 @op("generation_stats", [_model_param(), _template_param(),
@@ -211,7 +212,6 @@ def generation_stats(ctx, idx, model, template="alpaca", max_new_tokens=64, max_
     (1 − p(answer)), mean_margin and min_margin (top-1 minus top-2
     probability), tokens (answer length).  Use ``uncertainty(kind=...)``.
     """
-    from datasel.ops.algos import uncertainty as U
 
     lm, tok = _lm(model)
     prompts = [T.render(template, r, tok)[0] for r in ctx.records(idx)]
@@ -220,8 +220,7 @@ def generation_stats(ctx, idx, model, template="alpaca", max_new_tokens=64, max_
                                    max_prompt_tokens=None if max_prompt_length is None else int(max_prompt_length))
     columns = {k: np.asarray(out[k], dtype=np.float64) for k in UNCERTAINTY_KINDS}
     columns["value"] = columns["min_margin"]
-    tokens = out.get("tokens", out.get("n_tokens"))
-    columns["tokens"] = np.asarray(tokens, dtype=np.float64) if tokens is not None else np.full(len(idx), np.nan)
+    columns["tokens"] = np.asarray(out["n_tokens"], dtype=np.float64)
     return columns
 
 

@@ -39,7 +39,6 @@ class KMeansResult(NamedTuple):
     empty_dropped: int = 0
 
 
-_faiss_threads = faiss_threads  # shared guard, see threads.py
 
 
 def _prepare(X, metric: str) -> np.ndarray:
@@ -289,7 +288,7 @@ def kmeans(
             min_points_per_centroid=1,  # only silences faiss's "please provide at least 39*k points" warning
         )
         init_centroids = _kmeanspp_init(Xf, k, rng, n_trials) if init == "k-means++" else None
-        with _faiss_threads(n * k * d):
+        with faiss_threads(n * k * d):
             km.train(Xf, init_centroids=init_centroids)
             centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
             index = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)

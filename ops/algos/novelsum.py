@@ -58,7 +58,6 @@ def _as_float32_2d(X, name: str) -> np.ndarray:
     return X
 
 
-_faiss_threads = faiss_threads  # shared guard, see threads.py
 
 
 def _exact_sqdist(Q: np.ndarray, R: np.ndarray, I: np.ndarray, block: int = 1024) -> np.ndarray:
@@ -138,7 +137,7 @@ def density(
 
     index = faiss.IndexFlatL2(R.shape[1])
     index.add(R)
-    with _faiss_threads(n * m * Q.shape[1]):
+    with faiss_threads(n * m * Q.shape[1]):
         Dv, I = index.search(Q, n_search)
     I = I.astype(np.int64)
 

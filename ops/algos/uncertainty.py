@@ -31,10 +31,10 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["UNCERTAINTY_KINDS", "generation_uncertainty", "step_statistics"]
+__all__ = ["DEFAULT_KINDS", "UNCERTAINTY_KINDS", "generation_uncertainty", "step_statistics"]
 
 UNCERTAINTY_KINDS = ("entropy", "least_confidence", "mean_margin", "min_margin", "sequence_logprob")
-_DEFAULT_KINDS = ("entropy", "least_confidence", "mean_margin", "min_margin")
+DEFAULT_KINDS = ("entropy", "least_confidence", "mean_margin", "min_margin")
 
 
 def step_statistics(logits):
@@ -112,7 +112,7 @@ def generation_uncertainty(
     *,
     max_new_tokens: int = 64,
     batch_size: int = 8,
-    kinds: Iterable[str] = _DEFAULT_KINDS,
+    kinds: Iterable[str] = DEFAULT_KINDS,
     progress: Callable[[int], object] | None = None,
     eos_token_ids: int | Sequence[int] | None = None,
     add_special_tokens: bool = True,
