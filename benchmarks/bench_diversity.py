@@ -19,7 +19,8 @@ import numpy as np
 
 from datasel.ops.algos.kcenter import kcenter
 from datasel.ops.algos.kmeans import kmeans
-from datasel.ops.algos.novelsum import _normalise_rows, _rank_weights, _reference_scores, density, novelselect
+from datasel.ops.algos.arrays import unit_rows
+from datasel.ops.algos.novelsum import _rank_weights, _reference_scores, density, novelselect
 
 D = 384
 # Run the NovelSelect reference to the end only when its estimated time is below this; otherwise a verified prefix.
@@ -199,7 +200,7 @@ def bench_novelsum(quick: bool) -> dict:
     _, jit_s = _timed(novelselect, X[:300], 6, sigma=sigma[:300])
     ours, ours_s = _timed(novelselect, X, k, sigma=sigma)
     order = ours.order
-    Xn = _normalise_rows(X)
+    Xn = unit_rows(X)
     result = {
         "name": "novelsum", "n": n, "d": D, "k": k, "alpha": 1.0, "density_combine": "sum", "K": 10, "beta": 0.5,
         "ours": "datasel novelselect (exact incremental: GEMV per pick + sorted insertion, float64)",

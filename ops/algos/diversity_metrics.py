@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from datasel.ops.algos.arrays import unit_rows
 from datasel.ops.algos.novelsum import novelsum as _novelsum
 
 __all__ = ["METRICS", "distsum", "knn_distance", "measure", "vendi_score"]
@@ -44,11 +45,6 @@ def _rows(X, selected) -> tuple[np.ndarray, np.ndarray]:
     return ids.astype(np.int64), R
 
 
-def _unit(R: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(R, axis=1, keepdims=True)
-    return np.divide(R, norms, out=np.zeros_like(R), where=norms > 0)
-
-
 def distsum(X, selected) -> float:
     """Mean pairwise cosine distance, (1 / (m(m-1))) * sum_{i != j} (1 - cos(x_i, x_j)); NaN for m < 2.
 
@@ -58,7 +54,7 @@ def distsum(X, selected) -> float:
     m = R.shape[0]
     if m < 2:
         return float("nan")
-    U = _unit(R)
+    U = unit_rows(R)
     s = U.sum(axis=0)
     off_diag_cos = float(s @ s - np.einsum("ij,ij->", U, U))
     return 1.0 - off_diag_cos / (m * (m - 1))
@@ -77,7 +73,7 @@ def knn_distance(X, selected, k: int = 10, *, block: int = 1024) -> float:
     if int(k) < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     kk = min(int(k), m - 1)
-    U = _unit(R)
+    U = unit_rows(R)
     total = 0.0
     for lo in range(0, m, block):
         hi = min(lo + block, m)
@@ -99,7 +95,7 @@ def vendi_score(X, selected) -> float:
     m = R.shape[0]
     if m == 0:
         return float("nan")
-    U = _unit(R)
+    U = unit_rows(R)
     nonzero = U.any(axis=1)
     Un = U[nonzero]
     G = Un @ Un.T if Un.shape[0] <= Un.shape[1] else Un.T @ Un

@@ -17,6 +17,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from datasel.ops.algos.arrays import prepared_rows
+
 __all__ = ["KCenterResult", "kcenter", "PARALLEL_MIN_WORK"]
 
 # Rows x dims of one pass above which ``parallel=None`` uses threads (~5 ms of single-thread work).
@@ -200,24 +202,13 @@ def kcenter(
 
     Example (DiverseEvol round): ``kcenter(emb, 100, given=labelled, metric="l2").order``.
     """
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D (n, d), got shape {X.shape}")
-    if metric not in ("l2", "cosine"):
-        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
-    n, d = X.shape
+    Xf = prepared_rows(X, metric)
+    n, d = Xf.shape
     k = int(k)
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    Xf = np.ascontiguousarray(X, dtype=np.float32)
-    if not np.isfinite(Xf).all():
-        raise ValueError("X contains NaN or infinite values")
-    if metric == "cosine":
-        norms = np.linalg.norm(Xf, axis=1, keepdims=True)
-        Xf = np.divide(Xf, norms, out=np.zeros_like(Xf), where=norms > 0)
-        zero = norms[:, 0] == 0
-    else:
-        zero = np.zeros(n, dtype=np.bool_)
+    # Zero rows have no direction: under cosine they stay zero (distance 1 to everything).
+    zero = ~Xf.any(axis=1) if metric == "cosine" else np.zeros(n, dtype=np.bool_)
 
     given_idx = _as_index_array([] if given is None else given, n, "given")
     cand_idx = np.arange(n, dtype=np.int64) if candidates is None else _as_index_array(candidates, n, "candidates")

@@ -13,9 +13,10 @@ from typing import NamedTuple
 
 import numba
 import numpy as np
-
-from datasel.ops.algos.threads import faiss_threads
 from numba import njit, prange
+
+from datasel.ops.algos.arrays import prepared_rows, unit_rows
+from datasel.ops.algos.threads import faiss_threads
 
 __all__ = ["KMeansResult", "kmeans", "nearest_to_centroids"]
 
@@ -39,21 +40,6 @@ class KMeansResult(NamedTuple):
     empty_dropped: int = 0
 
 
-
-
-def _prepare(X, metric: str) -> np.ndarray:
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D (n, d), got shape {X.shape}")
-    if metric not in ("l2", "cosine"):
-        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
-    Xf = np.ascontiguousarray(X, dtype=np.float32)
-    if not np.isfinite(Xf).all():
-        raise ValueError("X contains NaN or infinite values")
-    if metric == "cosine":
-        norms = np.linalg.norm(Xf, axis=1, keepdims=True)
-        Xf = np.divide(Xf, norms, out=np.zeros_like(Xf), where=norms > 0)
-    return Xf
 
 
 def _row_distances(X64: np.ndarray, C64: np.ndarray, labels: np.ndarray, metric: str) -> np.ndarray:
@@ -256,7 +242,7 @@ def kmeans(
     """
     import faiss
 
-    Xf = _prepare(X, metric)
+    Xf = prepared_rows(X, metric)
     n, d = Xf.shape
     k = int(k)
     if k < 1:
@@ -336,10 +322,7 @@ def nearest_to_centroids(X, labels, centroids, metric: str = "l2") -> np.ndarray
     if labels.size and (labels.min() < 0 or labels.max() >= k):
         raise IndexError(f"labels must lie in [0, {k})")
     if metric == "cosine":
-        xn = np.linalg.norm(X, axis=1, keepdims=True)
-        X = np.divide(X, xn, out=np.zeros_like(X), where=xn > 0)
-        cn = np.linalg.norm(C, axis=1, keepdims=True)
-        C = np.divide(C, cn, out=np.zeros_like(C), where=cn > 0)
+        X, C = unit_rows(X), unit_rows(C)
     dist = _row_distances(X, C, labels, metric)
     idx = np.arange(X.shape[0], dtype=np.int64)
     order = np.lexsort((idx, dist, labels))  # by cluster, then distance, then row index

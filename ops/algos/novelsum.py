@@ -20,8 +20,10 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from datasel.ops.algos.threads import faiss_threads
 from numba import njit, prange
+
+from datasel.ops.algos.arrays import float32_rows, unit_rows
+from datasel.ops.algos.threads import faiss_threads
 
 __all__ = ["NovelResult", "density", "novelselect", "novelselect_reference", "novelsum"]
 
@@ -46,16 +48,6 @@ class NovelResult(NamedTuple):
 
 # --------------------------------------------------------------------------------------------------------------------
 # density
-
-
-def _as_float32_2d(X, name: str) -> np.ndarray:
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n, d), got shape {X.shape}")
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    if not np.isfinite(X).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return X
 
 
 
@@ -109,8 +101,8 @@ def density(
     """
     import faiss
 
-    Q = _as_float32_2d(X_raw, "X_raw")
-    R = Q if reference is None else _as_float32_2d(reference, "reference")
+    Q = float32_rows(X_raw, "X_raw")
+    R = Q if reference is None else float32_rows(reference, "reference")
     if R.shape[1] != Q.shape[1]:
         raise ValueError(f"reference has dimension {R.shape[1]}, X_raw has {Q.shape[1]}")
     if self_drop not in ("id", "first"):
@@ -167,12 +159,6 @@ def density(
 # shared helpers
 
 
-def _normalise_rows(X: np.ndarray) -> np.ndarray:
-    """L2-normalise float32 rows; zero rows stay zero (cosine 0 to everything, i.e. distance 1)."""
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return np.divide(X, norms, out=np.zeros_like(X), where=norms > 0)
-
-
 def _rank_weights(n: int, alpha: float) -> np.ndarray:
     """w_r = 1 / r**alpha for ranks r = 1..n (alpha = 0: plain mean)."""
     return 1.0 / np.arange(1, n + 1, dtype=np.float64) ** float(alpha)
@@ -188,7 +174,7 @@ def _check_vector(v, n: int, name: str) -> np.ndarray:
 
 
 def _prepare_select(X, k, sigma, density_combine, quality, seed, first, K, beta):
-    Xr = _as_float32_2d(X, "X")
+    Xr = float32_rows(X, "X")
     n = Xr.shape[0]
     k = int(k)
     if k < 0 or k > n:
@@ -207,7 +193,7 @@ def _prepare_select(X, k, sigma, density_combine, quality, seed, first, K, beta)
         first = int(first)
         if not 0 <= first < n:
             raise IndexError(f"first={first} out of range [0, {n})")
-    return _normalise_rows(Xr), k, sig, q, first
+    return unit_rows(Xr), k, sig, q, first
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -500,14 +486,14 @@ def novelsum(
     Complexity: O(m*n*d) density search + O(n^2*d + n^2*log n) for the blocked distance matrix and row sorts; memory
     O(block * n).
     """
-    Xr = _as_float32_2d(X_target, "X_target")
+    Xr = float32_rows(X_target, "X_target")
     n = Xr.shape[0]
     if n == 0:
         raise ValueError("NovelSum of an empty target set is undefined")
     if exclude_self and n < 2:
         raise ValueError("exclude_self needs at least 2 target rows")
     sigma = density(Xr, reference, K=K, beta=beta, exclude_self=True, self_drop=self_drop, query_ids=target_ids)
-    Xn = _normalise_rows(Xr.astype(np.float64))
+    Xn = unit_rows(Xr.astype(np.float64))
     ncol = n - 1 if exclude_self else n
     w = _rank_weights(ncol, alpha)
     wsum = w.sum()
