@@ -256,7 +256,6 @@ def novelsum(ctx, subset, features, k, alpha=1.0, beta=0.5, knn=10, density="sum
     NovelSum metric scales by σ_i while the published selection code uses
     σ_i + σ_j: ``density`` chooses.  Exact incremental algorithm.
     """
-    from datasel.ops.algos.novelsum import density as run_density
     from datasel.ops.algos.novelsum import novelselect
 
     rows = subset
@@ -267,11 +266,9 @@ def novelsum(ctx, subset, features, k, alpha=1.0, beta=0.5, knn=10, density="sum
     if n <= 0:
         return subset[:0]
     X = _features(features, rows, "novelsum")
-    if len(rows) < 2:
-        sigma = np.ones(len(rows))  # no neighbours to estimate a density from; one record is picked anyway
-    else:
-        sigma = run_density(X, K=min(int(knn), len(rows) - 1), beta=float(beta))
-    result = novelselect(X, n, sigma=sigma, alpha=float(alpha), density_combine=density, quality=q, seed=int(seed))
+    # Densities come from the records that reach the op, so K is capped by how many there are.
+    result = novelselect(X, n, K=min(int(knn), max(1, len(rows) - 1)), beta=float(beta), alpha=float(alpha),
+                         density_combine=density, quality=q, seed=int(seed))
     return rows[result.order]
 
 
