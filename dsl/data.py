@@ -324,11 +324,23 @@ def container_of(path: Path) -> str:
 
 
 def _single_object(path: Path) -> bool:
-    try:
-        json.loads(path.read_bytes())
-        return True
-    except (ValueError, UnicodeDecodeError):
-        return False
+    """Whether a ``.json`` file starting with ``{`` is one JSON document rather than JSON Lines.
+
+    A first line that is a whole object means JSON Lines as soon as anything follows it, so a
+    large JSON Lines file is decided from its first line; only a first line that is not a whole
+    object (a pretty-printed document, or a broken record) makes us parse the whole file.
+    """
+    with open(path, "rb") as f:
+        first = f.readline()
+        try:
+            json.loads(first)
+        except (ValueError, UnicodeDecodeError):
+            try:
+                json.loads(first + f.read())
+                return True
+            except (ValueError, UnicodeDecodeError):
+                return False  # read line by line, so the error names the bad line
+        return not any(chunk.strip() for chunk in iter(lambda: f.read(1 << 16), b""))
 
 
 def load_dataset(path: str | Path, *, name: str = "pool", schema: str | None = None,

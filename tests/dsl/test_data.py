@@ -99,6 +99,20 @@ def test_dot_json_file_with_json_lines_inside(tmp_path):
     assert len(ds) == 3
 
 
+def test_pretty_printed_json_object_with_nested_objects(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"data": ALPACA}, indent=0), encoding="utf-8")  # lines start with "{"
+    ds = load_dataset(path)
+    assert ds.container == "json" and len(ds) == 3
+
+
+def test_dot_json_lines_with_a_broken_first_line_names_the_line(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('{"instruction": "q", "output": \n' + json.dumps(ALPACA[1]) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"p\.json:1"):
+        load_dataset(path)
+
+
 def test_parquet(tmp_path):
     records = [{"instruction": f"q{i}", "input": "", "output": f"a{i}", "score": float(i)} for i in range(4)]
     path = tmp_path / "p.parquet"
