@@ -24,7 +24,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,8 @@ class NodeStats:
     applications: int = 0
     from_cache: int = 0
     needed: bool = False
-    requested: set = field(default_factory=set)  # map ops: dataset rows asked for
-    computed_rows: set = field(default_factory=set)  # map ops: rows computed in this run
+    # map ops: per dataset row, whether it was asked for yet in this run (to count each row once)
+    seen: Any = None
 
     def to_json(self, node: Node) -> dict:
         status = self.status
@@ -522,7 +522,6 @@ class Engine:
         store = self.cache.map_store(handle.key)
         found, where = store.locate(dataset.hashes[idx])
         found_before = found
-        computed_here = 0
         if not found.all():
             if self.probe:
                 raise NotCached(node.id)
@@ -532,16 +531,16 @@ class Engine:
                 found_before = found
                 missing = idx[~found]
                 if len(missing):
-                    computed_here = len(missing)
                     # Identical records are computed once.
                     _, first = np.unique(dataset.hashes[missing], return_index=True)
                     self._fill_rows(handle, store, missing[np.sort(first)])
                     found, where = store.locate(dataset.hashes[idx])
-        # A row counts as cached if it was in the cache before this run asked for it.
-        stats.requested.update(idx.tolist())
-        if computed_here:
-            stats.computed_rows.update(idx[~found_before].tolist())
-        stats.rows_cached = len(stats.requested - stats.computed_rows)
+        # A row counts as cached if it was in the cache the first time this run asked for it.
+        if stats.seen is None or len(stats.seen) != len(dataset):
+            stats.seen = np.zeros(len(dataset), dtype=np.bool_)
+        first_ask = ~stats.seen[idx]
+        stats.seen[idx] = True
+        stats.rows_cached += int(np.count_nonzero(first_ask & found_before))
         if not found.all():
             raise OpError(node, "results missing from the cache after computing them")
         return store.read(column, where)
