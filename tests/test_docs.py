@@ -26,7 +26,7 @@ def test_every_shipped_recipe_compiles_and_is_documented(name):
     compiled = compile_recipe(recipe_source(name))
     assert compiled.plan.nodes[compiled.plan.output].kind.value == "Selector"
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert f"`{name}`" in readme, f"recipe {name} is not listed in the README"
+    assert f"\n| `{name}` |" in readme, f"recipe {name} has no row in the README's methods table"
 
 
 def test_recipes_are_installed_as_package_data():

@@ -287,14 +287,10 @@ def test_kcenter_cosine(env):
 
 
 @pytest.fixture(scope="module")
-def raw_features(request, env):
+def raw_features(env, tiny_llama_dir):
     """Unnormalised features (MiniLM's vectors are unit length even with normalize=false): mean-pooled
     hidden states of the tiny random Llama of tests/ops/conftest.py, whose norms vary from record to record."""
-    try:
-        folder = request.getfixturevalue("tiny_llama_dir")
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/ops/conftest.py has no tiny_llama_dir fixture")
-    expr = f'hidden(hf("{folder}"), text="instruction_input")'
+    expr = f'hidden(hf("{tiny_llama_dir}"), text="instruction_input")'
     X = np.asarray(values(env, expr), dtype=np.float64)
     norms = np.linalg.norm(X, axis=1)
     assert norms.std() > 0.01 * norms.mean()  # really unnormalised
