@@ -208,8 +208,13 @@ def test_qdit(pool120, tiny_llama, tmp_path):
     # quality = rank(-loss): the lowest loss gets 1, the highest 0, monotone in between
     assert q[np.argmin(loss)] == pytest.approx(1.0) and q[np.argmax(loss)] == pytest.approx(0.0)
     assert (np.diff(q[np.argsort(loss, kind="stable")]) <= 1e-12).all()
+    # independently: average ranks of -loss scaled to [0, 1]
+    from scipy.stats import rankdata
+
+    q_ref = (rankdata(-loss, method="average") - 1) / (N - 1)
+    np.testing.assert_allclose(q, q_ref, rtol=0, atol=1e-12)
     # coverage="mean": (1−α)·FL/|V| + α·Σq/k  ⇔  (1−α)·FL + α·(|V|/k)·Σq
-    expected = _naive_facility(np.maximum(_cos(E), 0.0), int(N * 0.06), quality=q, alpha=0.2,
+    expected = _naive_facility(np.maximum(_cos(E), 0.0), int(N * 0.06), quality=q_ref, alpha=0.2,
                                scale=float(N) / int(N * 0.06))
     assert got == expected
 

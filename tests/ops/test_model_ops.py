@@ -92,13 +92,14 @@ def test_missing_folder_error_names_the_operator_and_position(cli, write_pool, t
 
 
 def test_unknown_hub_id_fails_offline(cli, write_pool, tmp_path, monkeypatch):
+    from datasel.dsl.engine import OpError
     from datasel.dsl.runner import evaluate
     from datasel.ops.algos.lm_loading import ModelNotAvailable
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pool = write_pool(RECORDS)
     name = "datasel-tests/no-such-model-anywhere"
-    with pytest.raises(Exception) as info:
+    with pytest.raises(OpError, match="neither a local folder nor in the local Hugging Face cache") as info:
         evaluate(f'loss(hf("{name}"))', pool, cache_dir=os.environ["DATASEL_CACHE"], quiet=True)
     err = info.value
     chain = [err, err.__cause__, getattr(err, "cause", None)]

@@ -128,17 +128,17 @@ def test_edge_cases_and_errors(data):
     assert kcenter(data, 0).order.size == 0
     full = kcenter(data[:10], 10, first=0)
     assert sorted(full.order) == list(range(10))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="k=11 exceeds the 10 eligible candidates"):
         kcenter(data[:10], 11)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="k=9 exceeds the 8 eligible candidates"):
         kcenter(data[:10], 9, given=[0, 1])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="first=4 is not an eligible candidate"):
         kcenter(data, 3, given=[4], first=4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="metric must be 'l2' or 'cosine', got 'manhattan'"):
         kcenter(data, 3, metric="manhattan")
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=r"given: indices must lie in \[0, \d+\), got range \[1000, 1000\]"):
         kcenter(data, 3, given=[1000])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="X contains NaN or infinite values"):
         kcenter(np.array([[np.nan, 1.0], [0.0, 1.0]]), 1)
 
 

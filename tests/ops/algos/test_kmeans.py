@@ -98,13 +98,13 @@ def test_k_equals_n_and_errors(blobs):
     res = kmeans(X[:15], 15, seed=0)
     assert sorted(res.labels.tolist()) == list(range(15))
     assert res.inertia == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="k=6 clusters need at least k rows, got n=5"):
         kmeans(X[:5], 6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
         kmeans(X, 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="metric must be 'l2' or 'cosine', got 'manhattan'"):
         kmeans(X, 3, metric="manhattan")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"init must be 'k-means\+\+' or 'random', got 'plusplus'"):
         kmeans(X, 3, init="plusplus")
 
 
@@ -129,7 +129,7 @@ def test_nearest_to_centroids_ties_and_empty():
     C = np.array([[0.0, 0.0], [9.0, 9.0], [5.0, 5.0]])
     # cluster 0: four members at the same distance -> lowest index; cluster 1 empty; cluster 2 duplicates -> 4
     np.testing.assert_array_equal(nearest_to_centroids(X, labels, C), [0, -1, 4])
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=r"labels must lie in \[0, 3\)"):
         nearest_to_centroids(X, labels + 2, C)
 
 

@@ -120,11 +120,11 @@ def test_density_query_ids_and_zero_distance(pool):
 
 
 def test_density_errors(pool):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="reference has 5 rows; need at least 6 for K=5"):
         density(pool[:5], K=5)  # needs K+1 rows
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="self_drop must be 'id' or 'first', got 'last'"):
         density(pool, self_drop="last")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="reference has dimension 3, X_raw has 6"):
         density(pool, pool[:, :3])
 
 
@@ -175,11 +175,11 @@ def test_picks_are_distinct_and_ties_lowest_index():
     np.testing.assert_array_equal(res.order, [2, 0, 1, 3, 4])
     assert novelselect(X, 0).order.size == 0
     assert novelselect(X, 1, first=4).order.tolist() == [4]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"k must be in \[0, 5\], got 6"):
         novelselect(X, 6, sigma=np.ones(5))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"sigma must have shape \(5,\), got \(4,\)"):
         novelselect(X, 2, sigma=np.ones(4))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"density_combine must be one of .*, got 'max'"):
         novelselect(X, 2, sigma=np.ones(5), density_combine="max")
 
 

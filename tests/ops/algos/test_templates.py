@@ -95,7 +95,7 @@ def test_tulu_single_and_multi_message():
         "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello!</s>\n<|user|>\n2+2?\n<|assistant|>\n"
     )
     assert ans == "4</s>"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="template 'tulu' needs a tokenizer"):
         T.render("tulu", REC_NO)
 
 
@@ -148,7 +148,7 @@ def test_direct_prefix():
     assert T.direct_prefix("wiz") == "### Response:"
     assert T.direct_prefix("vicuna") == "ASSISTANT:"
     assert T.direct_prefix("none") == ""
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown template 'nope'"):
         T.direct_prefix("nope")
 
 
@@ -167,7 +167,7 @@ def test_text_for():
     assert T.text_for("alpaca_full", REC_NO) == ALPACA_NO + "Blue."
     assert T.text_for("alpaca_full_eos", REC_NO, FakeTok()) == ALPACA_NO + "Blue.</s>"
     assert T.text_for("nuggets_full", REC_WS) == "Instruction:\nFix this.\nResponse:\nDone."
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown text kind 'nope'"):
         T.text_for("nope", REC_IN)
 
 
@@ -175,7 +175,7 @@ def test_registry():
     assert set(T.TEMPLATES) >= {"alpaca", "wiz", "vicuna", "none", "nuggets", "tulu", "chat"}
     assert all(isinstance(v, str) and v for v in T.TEMPLATES.values())
     assert isinstance(T.template_version, str) and T.template_version
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown template 'nope'"):
         T.render("nope", REC_IN)
 
 
