@@ -470,17 +470,7 @@ def _graph_for(pk: PreparedKernel, knn, fac, knn_index, nprobe, seed) -> KnnGrap
 
 def _dense_kernel(pk: PreparedKernel, cand: np.ndarray) -> np.ndarray:
     """Shifted kernel rows t[p, v] = s(v, cand[p]) - c as float32 (|cand|, n), built in row blocks."""
-    n = pk.Z.shape[0]
-    S = np.empty((cand.shape[0], n), dtype=np.float32)
-    step = _kern.block_rows(n)
-    tmp = None
-    all_rows = cand.shape[0] == n
-    for i0 in range(0, cand.shape[0], step):
-        i1 = min(cand.shape[0], i0 + step)
-        if pk.name != "cosine" and (tmp is None or tmp.shape[0] != i1 - i0):
-            tmp = np.empty((i1 - i0, n), dtype=np.float32)
-        rows = np.arange(i0, i1) if all_rows else cand[i0:i1]
-        kernel_block(pk, rows, None, out=S[i0:i1], tmp=tmp)
+    S = _kern.shifted_rows(pk, cand)
     _copy_duplicate_rows(pk.Z, cand, S)
     return S
 

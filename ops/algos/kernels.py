@@ -37,6 +37,7 @@ __all__ = [
     "PreparedKernel",
     "prepare_kernel",
     "kernel_block",
+    "shifted_rows",
     "similarity_matrix",
     "KnnGraph",
     "knn_graph",
@@ -203,23 +204,29 @@ def block_rows(n_cols: int) -> int:
     return max(1, min(4096, _BLOCK_ELEMS // max(1, n_cols)))
 
 
+def shifted_rows(pk: PreparedKernel, rows: np.ndarray, cols=None) -> np.ndarray:
+    """Shifted kernel rows t[p, v] = s(rows[p], cols[v]) - offset as float32 (len(rows), len(cols)), in row blocks."""
+    n = pk.Z.shape[0]
+    nc = n if cols is None else len(cols)
+    S = np.empty((len(rows), nc), dtype=np.float32)
+    step = block_rows(nc)
+    tmp = None
+    for i0 in range(0, len(rows), step):
+        i1 = min(len(rows), i0 + step)
+        if pk.name != "cosine" and (tmp is None or tmp.shape[0] != i1 - i0):
+            tmp = np.empty((i1 - i0, nc), dtype=np.float32)
+        kernel_block(pk, rows[i0:i1], cols, out=S[i0:i1], tmp=tmp)
+    return S
+
+
 def similarity_matrix(X, kernel: str = "cosine", gamma: float | None = None, rows=None, cols=None) -> np.ndarray:
     """The plain similarity s (not shifted) as a float32 (len(rows), len(cols)) matrix, built in row blocks.
 
     Convenience for baselines, tests and small problems; the greedy engine uses shifted blocks directly.
     """
     pk = prepare_kernel(X, kernel, gamma)
-    n = pk.Z.shape[0]
-    r = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
-    nc = n if cols is None else len(cols)
-    S = np.empty((len(r), nc), dtype=np.float32)
-    step = block_rows(nc)
-    tmp = None
-    for i0 in range(0, len(r), step):
-        i1 = min(len(r), i0 + step)
-        if pk.name != "cosine" and (tmp is None or tmp.shape[0] != i1 - i0):
-            tmp = np.empty((i1 - i0, nc), dtype=np.float32)
-        kernel_block(pk, r[i0:i1], cols, out=S[i0:i1], tmp=tmp)
+    r = np.arange(pk.Z.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+    S = shifted_rows(pk, r, cols)
     if pk.offset:
         S += np.float32(pk.offset)
     return S
