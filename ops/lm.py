@@ -287,6 +287,7 @@ def finetune(ctx, model, data, epochs=1, lr=None, lora=True, lora_r=8, lora_alph
         paths = F.finetune(base.spec, pairs, out_dir=out_dir, epochs=int(epochs), lr=lr, lora=bool(lora),
                            lora_r=int(lora_r), lora_alpha=int(lora_alpha), batch_size=int(batch),
                            max_length=int(max_length), seed=int(seed), schedule=schedule,
-                           cache_dir=ctx.cache_root, device=base.device, progress=bar.update)
+                           cache_dir=ctx.cache_root, device=base.device, dtype=base.dtype,
+                           progress=bar.update)
     return Checkpoints(base, [paths[i] for i in range(len(paths))], key=str(out_dir.name),
                        info={"records": len(pairs), "epochs": int(epochs)})

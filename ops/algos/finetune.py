@@ -408,6 +408,7 @@ def finetune(
     weight_decay: float = 0.0,
     cache_dir: str | os.PathLike | None = None,
     device: Any = None,
+    dtype: Any = None,
     progress: Callable[[int], object] | None = None,
 ) -> list[Path]:
     """Fine-tune on (context, answer) pairs with the answer-only loss; return the checkpoint folders.
@@ -426,6 +427,8 @@ def finetune(
     is ``"linear"``, ``"cosine"`` or ``"constant"`` (after warmup).
     ``progress(k)`` is called with the number of examples of each finished step
     (``tqdm.update`` fits).  ``cache_dir`` is where ``"smollm"`` is materialised.
+    ``dtype`` is the frozen base model's dtype for a LoRA run on a spec
+    (default: bf16 on CUDA, fp32 elsewhere); full fine-tuning always trains fp32.
 
     Returns ``[out_dir/epoch-0, ..., out_dir/epoch-<epochs>]``; load one with
     :func:`load_checkpoint` (or ``load_causal_lm(folder)``).  See the module
@@ -476,13 +479,13 @@ def finetune(
             out=out, dev=dev, epochs=epochs, lr=lr, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
             lora_dropout=lora_dropout, target_modules=target_modules, batch_size=batch_size,
             max_length=max_length, seed=seed, warmup_ratio=warmup_ratio, schedule=schedule,
-            weight_decay=weight_decay, cache_dir=cache_dir, progress=progress,
+            weight_decay=weight_decay, cache_dir=cache_dir, dtype=dtype, progress=progress,
         )
 
 
 def _finetune_locked(given, base_model, tokenizer, base_spec, base_fp, examples, skipped, *, out, dev,
                      epochs, lr, lora, lora_r, lora_alpha, lora_dropout, target_modules, batch_size, max_length,
-                     seed, warmup_ratio, schedule, weight_decay, cache_dir, progress) -> list[Path]:
+                     seed, warmup_ratio, schedule, weight_decay, cache_dir, dtype, progress) -> list[Path]:
     import torch
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -493,6 +496,8 @@ def _finetune_locked(given, base_model, tokenizer, base_spec, base_fp, examples,
         "target_modules": sorted(target_modules) if target_modules is not None else "auto",
         "batch_size": batch_size, "max_length": max_length, "seed": seed, "warmup_ratio": warmup_ratio,
         "schedule": schedule, "weight_decay": weight_decay,
+        # the base model's dtype for a LoRA run on a model loaded here (full fine-tuning is fp32)
+        "dtype": str(resolve_dtype(dtype, dev)) if lora and not given else None,
     }
     run_hash = _hash_json(config)
     paths = [out / f"epoch-{i}" for i in range(epochs + 1)]
@@ -534,7 +539,7 @@ def _finetune_locked(given, base_model, tokenizer, base_spec, base_fp, examples,
     # -- the model to train
     restore: Callable[[], None] = _nothing_to_restore
     if not given:
-        dt = resolve_dtype(None, dev) if lora else torch.float32
+        dt = resolve_dtype(dtype, dev) if lora else torch.float32
         base_model, _ = load_causal_lm(base_spec, dtype=dt, device=dev, cache_dir=cache_dir, memo=False)
         base_model.to(dev)
     elif not lora:

@@ -304,3 +304,27 @@ def test_load_checkpoint_never_mutates_memoised_base(base_dir, lora_run, tok):
 def test_all_pairs_too_long_is_an_error(base_dir, tmp_path):
     with pytest.raises(ValueError, match="no pair"), pytest.warns(UserWarning, match="skipped"):
         finetune(str(base_dir), [("a b c d e f g h", "x")], out_dir=tmp_path, max_length=3)
+
+
+def test_lora_base_dtype_is_honoured_and_part_of_the_run(tmp_path, base_dir, tok, monkeypatch):
+    """A LoRA run on a spec loads its frozen base in the requested dtype, and that dtype is in the run's hash."""
+    from datasel.ops.algos import finetune as F
+
+    seen = []
+    real = F.load_causal_lm
+
+    def spy(spec, **kw):
+        seen.append(kw.get("dtype"))
+        return real(spec, **kw)
+
+    monkeypatch.setattr(F, "load_causal_lm", spy)
+    pairs = [("Say hi.", "Hi!"), ("Count to two.", "1 2")]
+    a = F.finetune(str(base_dir), pairs, out_dir=tmp_path / "a", epochs=1, batch_size=2, device="cpu",
+                   dtype="bfloat16")
+    assert seen and seen[-1] == torch.bfloat16
+    b = F.finetune(str(base_dir), pairs, out_dir=tmp_path / "b", epochs=1, batch_size=2, device="cpu",
+                   dtype="float32")
+    assert seen[-1] == torch.float32
+    meta = [json.loads((p[-1] / F.CHECKPOINT_META).read_text(encoding="utf-8")) for p in (a, b)]
+    assert meta[0]["run_hash"] != meta[1]["run_hash"]
+    assert meta[0]["config"]["dtype"] == "torch.bfloat16" and meta[1]["config"]["dtype"] == "torch.float32"
