@@ -263,7 +263,9 @@ def finetune(ctx, model, data, epochs=1, lr=None, lora=True, lora_r=8, lora_alph
     point, ``checkpoint(run, i)`` the model after epoch i, and the run itself
     stands for its last checkpoint where a model is expected.  Cached by (base
     model, the training records' contents, hyperparameters); finished epochs
-    survive an interrupted run and training resumes after the last one.
+    survive an interrupted run and training resumes after the last one.  With
+    LoRA the frozen base keeps the model's dtype (``hf(..., dtype=...)``); full
+    fine-tuning trains in fp32.
     """
     from datasel.ops.algos import finetune as F
     from datasel.ops.models import Checkpoints, base_lm
