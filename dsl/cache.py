@@ -6,9 +6,14 @@ Layout under the cache root (``.datasel/`` by default)::
     maps/<map key>/<shard>/  per-record results of one map op: keys.npy (record
                              hashes) + one .npy per column + meta.json
     work/<key>/              scratch space an op owns (fine-tuning checkpoints)
-    models/                  dequantised model folders
     locks/                   lock files (one per key being computed)
     tmp/                     half-written entries; renamed into place when complete
+
+Model files prepared on first use (SmolLM2 dequantised from its GGUF file) are not
+here: they live in the user-level model store shared by every cache
+(:func:`datasel.ops.algos.lm_loading.model_store_dir`; :class:`ModelStore`
+lists and cleans it).  A ``models/`` folder left in a cache by older versions
+is listed as unused and removed by ``gc --all``.
 
 Every entry is written to ``tmp/`` first, fsynced and renamed into place, so a
 reader never sees half an entry.  Every array file carries a checksum in
@@ -16,14 +21,27 @@ reader never sees half an entry.  Every array file carries a checksum in
 deleted and reported as missing, so the engine recomputes it.  Arrays are
 stored as ``.npy`` (loaded with ``allow_pickle=False``, memory-mapped) and
 metadata as JSON: nothing in the cache can execute code when read.
+
+Read-only caches: a cache folder that cannot be written (a team's shared cache
+on a read-only mount) serves hits without writing anything, not even a lock
+file or a last-used time.  New results go to a second, writable folder
+(``Cache(root, write_root=...)``, ``--cache-write DIR``, ``$DATASEL_CACHE_WRITE``)
+that is read first; the read-only folder is read after it and never written.
+Whether a folder is writable is found out by creating a file in it: root, ACLs
+and some network file systems make ``os.access`` answer "writable" for a folder
+whose writes fail.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -40,6 +58,95 @@ HASH_BYTES = 16  # record hashes are 128-bit BLAKE2b digests
 def default_cache_dir() -> Path:
     """``$DATASEL_CACHE`` if set, else ``.datasel`` in the working directory."""
     return Path(os.environ.get("DATASEL_CACHE") or ".datasel")
+
+
+def default_write_dir() -> Path | None:
+    """``$DATASEL_CACHE_WRITE`` if set: a writable cache for new results, read before the main one."""
+    value = os.environ.get("DATASEL_CACHE_WRITE")
+    return Path(value) if value else None
+
+
+class ReadOnlyCacheError(RuntimeError):
+    """Something needs to be written (a result not in the cache, ``gc``) and the cache is read-only."""
+
+
+#: What a write into a read-only mount, or a folder we may not write, fails with.
+_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+_SUBFOLDERS = ("objects", "maps", "work", "locks", "tmp")
+
+
+def _probe_writable(root: Path) -> str | None:
+    """None if files can be created in ``root`` (created if missing), else why not.
+
+    Asks by doing it: a uniquely named file is created and removed.  ``os.access``
+    is not consulted, because it answers "writable" where writes still fail (root
+    ignores permission bits in access(2); NFS with root squashing, ACLs, some FUSE
+    mounts), and EROFS/EACCES/EPERM all mean "read-only" here.
+    """
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".datasel-write-probe-", dir=root)
+    except OSError as exc:
+        if exc.errno in _READ_ONLY_ERRNOS:
+            return exc.strerror or str(exc)
+        raise
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            if p.is_file():
+                total += p.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+def _rmtree(path: Path) -> list[BaseException]:
+    """``shutil.rmtree`` that collects the errors instead of raising or hiding them."""
+    errors: list[BaseException] = []
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=lambda fn, p, exc: errors.append(exc))
+    else:  # pragma: no cover - Python 3.11
+        shutil.rmtree(path, onerror=lambda fn, p, info: errors.append(info[1]))
+    return errors
+
+
+def _why(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _remove_tree(path: Path, graveyard: Path) -> str | None:
+    """Remove the folder ``path``; None once it is really gone, else why it is not.
+
+    The folder is first renamed into ``graveyard`` (same file system), so an entry
+    is either whole or gone, never half deleted; then the renamed copy is deleted.
+    """
+    grave = graveyard / f".gc-{uuid.uuid4().hex}"
+    try:
+        os.rename(path, grave)
+    except FileNotFoundError:
+        return None  # removed meanwhile (another gc)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            return _why(exc)
+        grave = path  # graveyard on another file system: delete in place
+    errors = _rmtree(grave)
+    if grave.exists():
+        why = _why(errors[0]) if errors else "still there after deleting"
+        return why if grave == path else f"moved to {grave} but not deleted: {why}"
+    return None
 
 
 def _file_digest(path: Path) -> str:
@@ -88,53 +195,133 @@ class Entry:
 
 
 class Cache:
-    """A cache directory; safe to share between concurrent processes."""
+    """A cache directory, optionally under a writable layer; safe to share between concurrent processes.
 
-    def __init__(self, root: Path | str | None = None, *, on_corrupt: Callable[[str, str], None] | None = None):
+    ``root`` (default ``$DATASEL_CACHE`` or ``./.datasel``) is read, and written
+    when it can be.  ``write_root`` (default ``$DATASEL_CACHE_WRITE``) names a
+    second folder that takes every write instead: lookups read it first and
+    ``root`` second, and ``root`` is then never written (no lock files, tmp
+    folders or last-used times) whether or not it could be.  Without a
+    writable layer (``root`` read-only, no ``write_root``) hits are served and
+    anything that needs a write — ``put``, ``lock``, a map-store ``append``, a
+    new ``work_dir``, ``gc`` — raises :class:`ReadOnlyCacheError` naming
+    ``--cache-write``.
+
+    Attributes: ``root``; ``write_root`` (the layer written, ``None`` when
+    read-only); ``layers`` (the folders read, in order); ``read_only``;
+    ``read_only_reason`` (why ``root`` cannot be written, when probed).
+    """
+
+    def __init__(self, root: Path | str | None = None, *, write_root: Path | str | None = None,
+                 on_corrupt: Callable[[str, str], None] | None = None):
         self.root = Path(root) if root is not None else default_cache_dir()
         self.on_corrupt = on_corrupt
-        for sub in ("objects", "maps", "work", "locks", "tmp", "models"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        marker = self.root / "CACHEDIR.TAG"
-        if not marker.exists():
-            # Tells backup tools the folder can be skipped; harmless otherwise.
-            marker.write_text("Signature: 8a477f597d28d172789f06886806bc55\n# datasel cache\n")
+        self.read_only_reason: str | None = None
+        write = Path(write_root) if write_root is not None else default_write_dir()
+        if write is not None and not _same_folder(write, self.root):
+            problem = _probe_writable(write)
+            if problem is not None:
+                raise ReadOnlyCacheError(f"the cache for new results {write} (--cache-write / DATASEL_CACHE_WRITE) "
+                                         f"cannot be written: {problem}")
+            self.write_root: Path | None = write
+            self.layers = [write, self.root]
+        else:
+            self.read_only_reason = _probe_writable(self.root)
+            self.write_root = None if self.read_only_reason else self.root
+            self.layers = [self.root]
+        if self.write_root is not None:
+            for sub in _SUBFOLDERS:
+                (self.write_root / sub).mkdir(parents=True, exist_ok=True)
+            marker = self.write_root / "CACHEDIR.TAG"
+            if not marker.exists():
+                # Tells backup tools the folder can be skipped; harmless otherwise.
+                marker.write_text("Signature: 8a477f597d28d172789f06886806bc55\n# datasel cache\n")
+
+    @property
+    def read_only(self) -> bool:
+        """True when nothing can be written (no writable layer)."""
+        return self.write_root is None
+
+    def _writable(self, what: str = "this run needs results that are not in the cache") -> Path:
+        """The layer to write to; raises :class:`ReadOnlyCacheError` (saying ``what`` needed it) when there is none."""
+        if self.write_root is None:
+            raise ReadOnlyCacheError(
+                f"{what}, but the cache {self.root} is read-only ({self.read_only_reason}); pass --cache-write DIR "
+                f"or set DATASEL_CACHE_WRITE=DIR to keep new results in a writable folder ({self.root} is still read)"
+            )
+        return self.write_root
 
     # ----------------------------------------------------------------- objects
+    @staticmethod
+    def _object_path(layer: Path, key: str) -> Path:
+        return layer / "objects" / key[:2] / key
+
     def object_dir(self, key: str) -> Path:
-        return self.root / "objects" / key[:2] / key
+        """The folder of ``key``'s entry in the first layer holding one, else where it would be written."""
+        for layer in self.layers:
+            path = self._object_path(layer, key)
+            if (path / "meta.json").exists():
+                return path
+        return self._object_path(self.write_root or self.root, key)
 
     def has(self, key: str) -> bool:
-        return (self.object_dir(key) / "meta.json").exists()
+        return any((self._object_path(layer, key) / "meta.json").exists() for layer in self.layers)
 
     def get(self, key: str) -> Entry | None:
-        """The entry for ``key`` after verifying its checksums, or None."""
-        return self._read_entry(self.object_dir(key), key)
+        """The entry for ``key`` (writable layer first) after verifying its checksums, or None."""
+        for layer in self.layers:
+            entry = self._read_entry(self._object_path(layer, key), key, writable=layer == self.write_root)
+            if entry is not None:
+                return entry
+        return None
 
     def put(self, key: str, arrays: dict[str, np.ndarray], info: dict | None = None) -> Entry:
-        """Store ``arrays`` under ``key`` atomically; an existing entry wins."""
-        final = self.object_dir(key)
+        """Store ``arrays`` under ``key`` atomically in the writable layer; an existing entry wins."""
         if not self.has(key):
+            final = self._object_path(self._writable(), key)
             final.parent.mkdir(parents=True, exist_ok=True)
             self._write_entry(final, key, arrays, info or {})
         entry = self.get(key)
-        if entry is None:  # lost a race with a corrupt writer: retry once
+        if entry is None:  # lost a race with a corrupt writer, or the read-only copy is corrupt: write ours
+            final = self._object_path(self._writable(), key)
+            final.parent.mkdir(parents=True, exist_ok=True)
             self._write_entry(final, key, arrays, info or {})
             entry = self.get(key)
         return entry
 
     def lock(self, key: str) -> FileLock:
-        """An inter-process lock for computing ``key``."""
-        return FileLock(str(self.root / "locks" / f"{key}.lock"))
+        """An inter-process lock for computing ``key`` (in the writable layer).
+
+        Only taken to compute something, so without a writable layer it raises
+        :class:`ReadOnlyCacheError` before any work is done.
+        """
+        return FileLock(str(self._writable() / "locks" / f"{key}.lock"))
 
     def work_dir(self, key: str) -> Path:
-        """A persistent folder an op may fill (e.g. checkpoints), keyed like a result."""
-        path = self.root / "work" / key
+        """A persistent folder an op may fill (e.g. checkpoints), keyed like a result.
+
+        An existing folder is returned where it is, in the writable layer or the
+        read-only one (a finished fine-tuning run is used without writing); a new
+        one is created in the writable layer.
+        """
+        for layer in self.layers:
+            path = layer / "work" / key
+            if path.is_dir():
+                return path
+        path = self._writable("this run needs a work folder that is not in the cache") / "work" / key
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def find_work_dir(self, key: str) -> Path | None:
+        """The work folder of ``key`` if one exists in any layer; never creates one."""
+        for layer in self.layers:
+            path = layer / "work" / key
+            if path.is_dir():
+                return path
+        return None
+
     def tmp_dir(self) -> Path:
-        path = self.root / "tmp" / f"{os.getpid()}-{uuid.uuid4().hex}"
+        path = self._writable() / "tmp" / f"{os.getpid()}-{uuid.uuid4().hex}"
         path.mkdir(parents=True)
         return path
 
@@ -162,7 +349,9 @@ class Cache:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def _read_entry(self, path: Path, key: str) -> Entry | None:
+    def _read_entry(self, path: Path, key: str, *, writable: bool = True) -> Entry | None:
+        """The verified entry at ``path``, or None.  ``writable``: ``path`` is in the writable
+        layer, so a corrupt entry is removed and the last-used time refreshed (never elsewhere)."""
         meta_path = path / "meta.json"
         if not meta_path.exists():
             return None
@@ -175,18 +364,21 @@ class Cache:
                     raise ValueError(f"checksum mismatch in {file.name}")
                 arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            self._discard(path, key, str(exc))
+            self._discard(path, key, str(exc), writable=writable)
             return None
-        try:
-            os.utime(meta_path)  # last-used time, for `datasel cache gc --older-than`
-        except OSError:
-            pass
+        if writable and self.write_root is not None:
+            try:
+                os.utime(meta_path)  # last-used time, for `datasel cache gc --older-than`
+            except OSError:
+                pass
         return Entry(key, arrays, meta)
 
-    def _discard(self, path: Path, key: str, reason: str) -> None:
+    def _discard(self, path: Path, key: str, reason: str, *, writable: bool = True) -> None:
         if self.on_corrupt is not None:
             self.on_corrupt(key, reason)
-        grave = self.root / "tmp" / f"corrupt-{uuid.uuid4().hex}"
+        if not writable or self.write_root is None:
+            return  # a read-only layer: reported and treated as missing, never touched
+        grave = self.write_root / "tmp" / f"corrupt-{uuid.uuid4().hex}"
         try:
             os.rename(path, grave)
         except OSError:
@@ -199,77 +391,125 @@ class Cache:
 
     # --------------------------------------------------------- housekeeping
     def entries(self):
-        """Yield a dict per stored entry (objects, map ops) for ``cache ls`` / ``du``."""
-        for meta_path in sorted((self.root / "objects").glob("*/*/meta.json")):
-            yield self._describe(meta_path, "object")
-        for map_dir in sorted((self.root / "maps").iterdir()):
+        """Yield a dict per stored entry (objects, map ops, work folders), every layer, for ``cache ls`` / ``du``.
+
+        Keys: kind, key, op, label, recipe, pool_path, pool_fingerprint, node, version
+        (from the info stored with the entry; None when an older entry lacks them),
+        rows, bytes, last_used, path, layer, writable; map entries add shards.
+        """
+        for layer in self.layers:
+            yield from self._layer_entries(layer, writable=layer == self.write_root)
+
+    def _layer_entries(self, layer: Path, writable: bool):
+        objects = layer / "objects"
+        if objects.is_dir():
+            for meta_path in sorted(objects.glob("*/*/meta.json")):
+                yield self._describe(meta_path, "object", layer, writable)
+        maps = layer / "maps"
+        for map_dir in sorted(p for p in maps.iterdir() if p.is_dir()) if maps.is_dir() else ():
             shards = sorted(map_dir.glob("*/meta.json"))
             if not shards:
                 continue
-            descs = [self._describe(s, "map") for s in shards]
-            yield {
-                "kind": "map",
-                "key": map_dir.name,
-                "op": descs[0]["op"],
-                "rows": sum(d.get("rows", 0) for d in descs),
-                "shards": len(descs),
-                "bytes": sum(d["bytes"] for d in descs),
-                "last_used": max(d["last_used"] for d in descs),
-                "path": str(map_dir),
-            }
-        for work in sorted((self.root / "work").iterdir()):
-            size = sum(p.stat().st_size for p in work.rglob("*") if p.is_file())
-            yield {"kind": "work", "key": work.name, "op": "work", "bytes": size,
-                   "last_used": work.stat().st_mtime, "path": str(work)}
-        for model in sorted((self.root / "models").iterdir()):
-            if model.name.startswith("."):
-                continue  # the lock file guarding a model's materialisation, not an entry
-            size = sum(p.stat().st_size for p in model.rglob("*") if p.is_file())
-            yield {"kind": "model", "key": model.name, "op": "model", "bytes": size,
-                   "last_used": model.stat().st_mtime, "path": str(model)}
+            descs = [self._describe(s, "map", layer, writable) for s in shards]
+            yield dict(descs[0], key=map_dir.name, rows=sum(d.get("rows", 0) for d in descs), shards=len(descs),
+                       bytes=sum(d["bytes"] for d in descs), last_used=max(d["last_used"] for d in descs),
+                       path=str(map_dir))
+        work_root = layer / "work"
+        for work in sorted(p for p in work_root.iterdir() if p.is_dir()) if work_root.is_dir() else ():
+            yield _entry("work", work.name, "work", _work_label(work), bytes=_tree_size(work),
+                         last_used=work.stat().st_mtime, path=str(work), layer=str(layer), writable=writable)
+        models = layer / "models"
+        if models.is_dir() and not _is_model_store(models):
+            # Left by versions that kept model files in each cache; models now live in the shared store.
+            for model in sorted(p for p in models.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                yield _entry("model", model.name, "model", "not used any more: models live in the shared store",
+                             bytes=_tree_size(model), last_used=model.stat().st_mtime, path=str(model),
+                             layer=str(layer), writable=writable)
 
-    def _describe(self, meta_path: Path, kind: str) -> dict:
+    def _describe(self, meta_path: Path, kind: str, layer: Path | None = None, writable: bool = True) -> dict:
         entry_dir = meta_path.parent
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             meta = {}
         size = sum(p.stat().st_size for p in entry_dir.iterdir() if p.is_file())
-        info = meta.get("info", {})
-        return {
-            "kind": kind,
-            "key": meta.get("key", entry_dir.name),
-            "op": info.get("op", "?"),
-            "rows": info.get("rows", 0),
-            "bytes": size,
-            "last_used": meta_path.stat().st_mtime,
-            "path": str(entry_dir),
-        }
+        info = meta.get("info", {}) if isinstance(meta.get("info"), dict) else {}
+        return _entry(kind, meta.get("key", entry_dir.name), info.get("op", "?"), info.get("label"),
+                      recipe=info.get("recipe"), pool_path=info.get("pool_path"),
+                      pool_fingerprint=info.get("pool_fingerprint"), node=info.get("node"),
+                      version=info.get("version"), rows=info.get("rows", 0), bytes=size,
+                      last_used=meta_path.stat().st_mtime, path=str(entry_dir),
+                      layer=str(layer if layer is not None else self.root), writable=writable)
+
+    def _single_layer(self, root: Path) -> "Cache":
+        """This cache restricted to its layer ``root`` (which must be the writable one)."""
+        view = object.__new__(Cache)
+        view.root, view.write_root, view.layers = root, root, [root]
+        view.on_corrupt, view.read_only_reason = self.on_corrupt, None
+        return view
 
     def gc(self, older_than_days: float | None = None, everything: bool = False) -> dict:
-        """Remove stale temporary files and, optionally, entries not used recently.
+        """Clean the writable layer: stale temporary files, unheld lock files and, optionally, entries.
 
-        Map shards of one op are also compacted into a single shard.  Returns
-        counts of what was removed.
+        ``older_than_days``: remove entries unused for that long; ``everything``:
+        remove every entry.  Map shards of one op are also compacted into a single
+        shard.  A read-only layer is never touched.  Returns what was *really*
+        removed (each removal is checked): ``entries``, ``bytes``, ``tmp``,
+        ``compacted``, plus ``root`` (the folder cleaned), ``failed`` and
+        ``errors`` (one line per entry that could not be removed, with the reason).
+        Raises :class:`ReadOnlyCacheError`, having removed nothing, when the cache
+        has no writable layer.
         """
-        removed = {"entries": 0, "bytes": 0, "tmp": 0, "compacted": 0}
+        if self.write_root is None:
+            raise ReadOnlyCacheError(f"cannot clean the cache {self.root}: it is read-only "
+                                     f"({self.read_only_reason}); nothing was removed")
+        root = self.write_root
+        view = self._single_layer(root)
+        removed = {"entries": 0, "bytes": 0, "tmp": 0, "compacted": 0, "failed": 0, "errors": [], "root": str(root)}
         now = time.time()
-        for tmp in (self.root / "tmp").iterdir():
-            if now - tmp.stat().st_mtime > 3600 or tmp.name.startswith("corrupt-"):
-                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-                removed["tmp"] += 1
-        for entry in list(self.entries()):
+        graveyard = root / "tmp"
+        for tmp in list(graveyard.iterdir()):
+            try:
+                stale = now - tmp.lstat().st_mtime > 3600 or tmp.name.startswith(("corrupt-", ".gc-"))
+            except FileNotFoundError:
+                continue
+            if not stale:
+                continue
+            if tmp.is_dir() and not tmp.is_symlink():
+                gone = not _rmtree(tmp) or not tmp.exists()
+            else:
+                try:
+                    tmp.unlink(missing_ok=True)
+                    gone = True
+                except OSError:
+                    gone = False
+            removed["tmp"] += gone
+        for probe in root.glob(".datasel-write-probe-*"):  # left by a process killed while probing
+            try:
+                if now - probe.lstat().st_mtime > 3600:
+                    probe.unlink()
+                    removed["tmp"] += 1
+            except OSError:
+                pass
+        for entry in list(view.entries()):
             stale = everything or (
                 older_than_days is not None and now - entry["last_used"] > older_than_days * 86400
             )
             if stale:
-                shutil.rmtree(entry["path"], ignore_errors=True)
-                removed["entries"] += 1
-                removed["bytes"] += entry["bytes"]
+                why = _remove_tree(Path(entry["path"]), graveyard)
+                if why is None:
+                    removed["entries"] += 1
+                    removed["bytes"] += entry["bytes"]
+                else:
+                    removed["failed"] += 1
+                    removed["errors"].append(f"{entry['kind']} {entry['key'][:12]} ({entry['op']}): {why}")
             elif entry["kind"] == "map" and entry["shards"] > 1:
-                MapStore(self, entry["key"]).compact()
-                removed["compacted"] += 1
-        for lock in (self.root / "locks").glob("*.lock"):
+                try:
+                    MapStore(view, entry["key"]).compact()
+                    removed["compacted"] += 1
+                except OSError as exc:
+                    removed["errors"].append(f"map {entry['key'][:12]} ({entry['op']}): not compacted: {_why(exc)}")
+        for lock in (root / "locks").glob("*.lock"):
             # A lock file nobody holds is just litter; FileLock recreates it on demand.
             lk = FileLock(str(lock))
             try:
@@ -278,35 +518,164 @@ class Cache:
                 continue
             try:
                 lock.unlink(missing_ok=True)
+            except OSError:
+                pass
             finally:
                 lk.release()
         return removed
 
 
+def _entry(kind: str, key: str, op: str, label: str | None = None, **fields) -> dict:
+    """One ``entries()`` row, with every field present (None when unknown)."""
+    row = {"kind": kind, "key": key, "op": op, "label": label, "recipe": None, "pool_path": None,
+           "pool_fingerprint": None, "node": None, "version": None, "rows": 0}
+    row.update(fields)
+    return row
+
+
+def _work_label(folder: Path) -> str | None:
+    """What a work folder holds, when it says (a fine-tuning run's checkpoints do)."""
+    epochs = sorted(folder.glob("epoch-*/datasel_checkpoint.json"))
+    if not epochs:
+        return None
+    try:
+        meta = json.loads(epochs[0].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return f"fine-tuning checkpoints ({len(epochs)}) of {meta.get('base_model', '?')}"
+
+
+def _is_model_store(folder: Path) -> bool:
+    from datasel.ops.algos.lm_loading import model_store_dir
+
+    return _same_folder(folder, model_store_dir())
+
+
+class ModelStore:
+    """The user-level folder of model files prepared on first use, shared by every cache.
+
+    Located by :func:`datasel.ops.algos.lm_loading.model_store_dir`
+    (``$DATASEL_MODELS``, else ``$XDG_CACHE_HOME/datasel/models``, else
+    ``~/.cache/datasel/models``).  A model folder is complete once it holds its
+    marker file; its last-used time is the marker's mtime (refreshed on use).
+    """
+
+    def __init__(self, root: Path | str | None = None):
+        from datasel.ops.algos.lm_loading import model_store_dir
+
+        self.root = Path(root) if root is not None else model_store_dir()
+
+    def entries(self):
+        """A dict per model folder (not lock files, half-built temporaries or folders holding no model):
+        kind "model", key (the folder name), op, label, complete, bytes, last_used, path."""
+        from datasel.ops.algos.lm_loading import _MATERIALIZED_MARKER
+
+        if not self.root.is_dir():
+            return
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            marker = folder / _MATERIALIZED_MARKER
+            complete = marker.is_file()
+            if not complete and not ((folder / "config.json").is_file() or any(folder.glob("*.safetensors"))):
+                continue  # not a model folder (other data kept next to the models): never listed or removed
+            label = None
+            if complete:
+                try:
+                    label = f"prepared from {Path(json.loads(marker.read_text(encoding='utf-8'))['source']).name}"
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass
+            yield _entry("model", folder.name, "model", label, complete=complete, bytes=_tree_size(folder),
+                         last_used=(marker if complete else folder).stat().st_mtime, path=str(folder),
+                         layer=str(self.root), writable=None)
+
+    def gc(self, older_than_days: float | None = None, everything: bool = False) -> dict:
+        """Remove half-built folders of killed builds and, optionally, models.
+
+        A model (or half-built folder) whose preparation lock is held by another
+        process is left alone.  Returns what was really removed: ``models``,
+        ``bytes``, ``tmp``, ``failed``, ``errors``, ``root``.
+        """
+        removed = {"models": 0, "bytes": 0, "tmp": 0, "failed": 0, "errors": [], "root": str(self.root)}
+        if not self.root.is_dir():
+            return removed
+        now = time.time()
+        for grave in self.root.glob(".gc-*"):  # a removal that was interrupted
+            if not _rmtree(grave) or not grave.exists():
+                removed["tmp"] += 1
+        for stale in sorted(self.root.glob(".*.tmp-*")):
+            name = stale.name[1:].split(".tmp-")[0]
+            with self._hold(name) as busy:
+                if busy is None and stale.is_dir() and _remove_tree(stale, self.root) is None:
+                    removed["tmp"] += 1
+        for entry in list(self.entries()):
+            if not (everything or (older_than_days is not None
+                                   and now - entry["last_used"] > older_than_days * 86400)):
+                continue
+            with self._hold(entry["key"]) as busy:
+                why = busy or _remove_tree(Path(entry["path"]), self.root)
+            if why is None:
+                removed["models"] += 1
+                removed["bytes"] += entry["bytes"]
+            else:
+                removed["failed"] += 1
+                removed["errors"].append(f"model {entry['key']}: {why}")
+        return removed
+
+    @contextlib.contextmanager
+    def _hold(self, name: str):
+        """``with self._hold(name) as busy``: hold ``name``'s preparation lock, or say why not (``busy``).
+
+        The lock file is left in place: removing it could let a waiting process and a
+        new one both believe they hold the lock.
+        """
+        from filelock import Timeout
+
+        lock = FileLock(str(self.root / f".{name}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            yield "being prepared by another process"
+            return
+        except OSError as exc:  # the store cannot be written
+            yield _why(exc)
+            return
+        try:
+            yield None
+        finally:
+            lock.release()
+
+
 class MapStore:
-    """Per-record results of one map op (one ``map key``), in append-only shards."""
+    """Per-record results of one map op (one ``map key``), in append-only shards.
+
+    Shards are read from every layer of the cache (the writable one first) and
+    appended to the writable layer only.
+    """
 
     def __init__(self, cache: Cache, map_key: str):
         self.cache = cache
         self.key = map_key
-        self.dir = cache.root / "maps" / map_key
+        #: where new shards go (the writable layer; the root when there is none)
+        self.dir = (cache.write_root or cache.root) / "maps" / map_key
+        self._dirs = [(layer / "maps" / map_key, layer == cache.write_root) for layer in cache.layers]
         self._index: dict[bytes, tuple[int, int]] | None = None
         self._shards: list[Entry] = []
 
-    def _load(self) -> None:
+    def _load(self, *, only_writable: bool = False) -> None:
         self._index = {}
         self._shards = []
-        if not self.dir.exists():
-            return
-        for shard_dir in sorted(p for p in self.dir.iterdir() if p.is_dir()):
-            entry = self.cache._read_entry(shard_dir, f"{self.key}/{shard_dir.name}")
-            if entry is None or "keys" not in entry.arrays:
+        for folder, writable in self._dirs:
+            if (only_writable and not writable) or not folder.is_dir():
                 continue
-            number = len(self._shards)
-            self._shards.append(entry)
-            keys = entry.arrays["keys"]
-            for row, h in enumerate(keys.tobytes()[i : i + HASH_BYTES] for i in range(0, keys.nbytes, HASH_BYTES)):
-                self._index.setdefault(h, (number, row))
+            for shard_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+                entry = self.cache._read_entry(shard_dir, f"{self.key}/{shard_dir.name}", writable=writable)
+                if entry is None or "keys" not in entry.arrays:
+                    continue
+                number = len(self._shards)
+                self._shards.append(entry)
+                keys = entry.arrays["keys"]
+                for row, h in enumerate(keys.tobytes()[i : i + HASH_BYTES]
+                                        for i in range(0, keys.nbytes, HASH_BYTES)):
+                    self._index.setdefault(h, (number, row))
 
     def refresh(self) -> None:
         """Re-read the shards on disk (another process may have added some)."""
@@ -336,9 +705,10 @@ class MapStore:
         return out
 
     def append(self, hashes: np.ndarray, columns: dict[str, np.ndarray], info: dict) -> None:
-        """Persist results for ``hashes`` as a new shard (atomic)."""
+        """Persist results for ``hashes`` as a new shard (atomic) in the writable layer."""
         if len(hashes) == 0:
             return
+        self.cache._writable()
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         arrays = {"keys": np.asarray(hashes)}
@@ -351,9 +721,9 @@ class MapStore:
         return int(found.sum())
 
     def compact(self) -> None:
-        """Merge all shards into one (duplicates dropped); used by ``cache gc``."""
+        """Merge the writable layer's shards into one (duplicates dropped); used by ``cache gc``."""
         with self.cache.lock(f"map-{self.key}"):
-            self._load()
+            self._load(only_writable=True)
             if len(self._shards) < 2:
                 return
             keys = list(self._index.keys())
@@ -364,5 +734,5 @@ class MapStore:
             hashes = np.frombuffer(b"".join(keys), dtype=f"S{HASH_BYTES}")
             self.append(hashes, columns, info)
             for d in old:
-                shutil.rmtree(d, ignore_errors=True)
+                _rmtree(d)
             self._index = None

