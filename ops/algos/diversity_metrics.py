@@ -4,9 +4,11 @@ All functions take the pool's feature matrix ``X`` (n, d) and ``selected`` (row 
 indices count once, order is irrelevant) and return a float.  Cosine geometry throughout (rows L2-normalised; a zero
 row has cosine 0 with everything), except NovelSum's density term, which uses raw squared L2 as in the paper.
 
-The metric families are those compared by NovelSum (Yang et al., ACL 2025; METHODS.md 2.13): pairwise distance sum,
-kNN distance, Vendi score (Friedman & Dieng 2023; DiverseEvol's evaluation, METHODS.md 2.2), facility location and
-NovelSum itself.
+The metric families are those compared by NovelSum (Yang et al., "Measuring Data Diversity for Instruction Tuning",
+ACL 2025; code UmeanNever/NovelSum): pairwise distance sum, kNN distance, Vendi score (Friedman & Dieng 2023, also
+DiverseEvol's evaluation: Wu et al., arXiv 2311.08182, code OFA-Sys/DiverseEvol), facility location and NovelSum
+itself (``datasel.ops.algos.novelsum.novelsum``; its density index holds the distinct pool vectors, as in the authors'
+``utils.py`` ``FaissIndex``, unless ``novelsum_density_index="all"``).
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ def measure(
     novelsum_alpha: float = 1.0,
     novelsum_beta: float = 0.5,
     novelsum_reference: str = "pool",
+    novelsum_density_index: str = "unique",
     facility_kernel: str = "cosine",
 ) -> dict:
     """Diversity report of a selection: ``{metric name: float}`` for each name in ``metrics``.
@@ -124,7 +127,8 @@ def measure(
     - ``"vendi"``:    :func:`vendi_score`, cosine kernel.
     - ``"novelsum"``: NovelSum of the selected rows (``novelsum.novelsum``; K, alpha, beta as given, README defaults);
       density reference = the whole pool ``X`` (``novelsum_reference="pool"``, the paper's setting, self excluded by
-      row id) or the selection itself (``"selection"``).
+      row id) or the selection itself (``"selection"``); ``novelsum_density_index`` = ``"unique"`` (default, the
+      authors' code: exact duplicate vectors are never each other's density neighbours) or ``"all"``.
     - ``"facility"``: facility-location value sum_{v in X} max_{a in selected} s(v, a), s = max(cos, 0) by default
       (``datasel.ops.algos.facility.facility_value``, imported on demand).
     """
@@ -133,6 +137,8 @@ def measure(
         raise ValueError(f"unknown metric(s) {unknown}; known: {list(METRICS)}")
     if novelsum_reference not in ("pool", "selection"):
         raise ValueError(f"novelsum_reference must be 'pool' or 'selection', got {novelsum_reference!r}")
+    if novelsum_density_index not in ("unique", "all"):
+        raise ValueError(f"novelsum_density_index must be 'unique' or 'all', got {novelsum_density_index!r}")
     ids, _ = _rows(X, selected)
     out: dict = {}
     for name in metrics:
@@ -146,10 +152,12 @@ def measure(
             Xa = np.asarray(X)
             if novelsum_reference == "pool":
                 out[name] = _novelsum(
-                    Xa[ids], Xa, K=novelsum_K, alpha=novelsum_alpha, beta=novelsum_beta, target_ids=ids
+                    Xa[ids], Xa, K=novelsum_K, alpha=novelsum_alpha, beta=novelsum_beta, target_ids=ids,
+                    density_index=novelsum_density_index,
                 )
             else:
-                out[name] = _novelsum(Xa[ids], None, K=novelsum_K, alpha=novelsum_alpha, beta=novelsum_beta)
+                out[name] = _novelsum(Xa[ids], None, K=novelsum_K, alpha=novelsum_alpha, beta=novelsum_beta,
+                                      density_index=novelsum_density_index)
         elif name == "facility":
             from datasel.ops.algos.facility import facility_value  # another module; imported only when asked for
 

@@ -1,9 +1,14 @@
-"""NovelSum diversity metric and NovelSelect greedy selection (Yang et al., ACL 2025; METHODS.md 2.13).
+"""NovelSum diversity metric and NovelSelect greedy selection.
+
+Yang et al., "Measuring Data Diversity for Instruction Tuning: A Systematic Analysis and A Reliable Metric" (ACL 2025);
+the authors' code is UmeanNever/NovelSum (MIT; files ``utils.py`` — ``FaissIndex`` and its ``local_density`` —,
+``novelsum.py`` — the metric — and ``novelselect.py`` — the selection loop).
 
 Three plain array functions plus a slow reference loop:
 
 - :func:`density`  — kNN density weight sigma(x) = 1 / (mean K nearest squared L2 distances + 1e-9)^beta on **raw**
-  vectors (faiss flat L2), with a correct self-exclusion.
+  vectors (faiss flat L2), over the **distinct** reference vectors as in the authors' ``FaissIndex`` (``np.unique``),
+  with a correct self-exclusion.
 - :func:`novelsum` — the NovelSum metric of a target set (proximity-weighted, density-scaled mean cosine distance).
 - :func:`novelselect` — NovelSelect, an exact incremental engine: identical picks to the published loop (which, at every
   step, recomputes the N x t distance matrix and re-sorts every row) at O(N*d + N*t) per pick instead of
@@ -49,7 +54,12 @@ class NovelResult(NamedTuple):
 # --------------------------------------------------------------------------------------------------------------------
 # density
 
+DENSITY_INDEX = ("unique", "all")
 
+
+def _check_density_index(density_index: str) -> None:
+    if density_index not in DENSITY_INDEX:
+        raise ValueError(f"density_index must be 'unique' or 'all', got {density_index!r}")
 
 
 def _exact_sqdist(Q: np.ndarray, R: np.ndarray, I: np.ndarray, block: int = 1024) -> np.ndarray:
@@ -71,12 +81,36 @@ def density(
     *,
     self_drop: str = "id",
     query_ids=None,
+    density_index: str = "unique",
 ) -> np.ndarray:
     """kNN density weight of each row: sigma(x) = 1 / (mean of the K nearest squared L2 distances + 1e-9) ** beta.
 
-    NovelSum/NovelSelect's density term (METHODS.md 2.13): exact faiss ``IndexFlatL2`` on the **raw** (unnormalised)
-    vectors, squared distances, neighbours taken from ``reference`` (default: the rows of ``X_raw`` themselves).
-    Dense regions get small sigma, so their distances count less.
+    NovelSum/NovelSelect's density term (Yang et al., ACL 2025; UmeanNever/NovelSum, ``utils.py``,
+    ``FaissIndex.local_density``): exact faiss ``IndexFlatL2`` on the **raw** (unnormalised) vectors, squared
+    distances, neighbours taken from ``reference`` (default: the rows of ``X_raw`` themselves).  Dense regions get
+    small sigma, so their distances count less.
+
+    Exact duplicates (``density_index="unique"``, the default, as in the authors' code): the authors' ``FaissIndex``
+    adds ``np.unique(reference, axis=0)`` (float32 rows) to the index, searches K+1 neighbours for every query row (all
+    rows, duplicates included) and drops the first hit as "self".  Once duplicates are collapsed, the query's own
+    distinct vector is at distance 0 and is that dropped hit, so the query *and all its exact twins* go away together
+    and the K neighbours averaged are the K nearest **other distinct** vectors.  Twins therefore get the same sigma as
+    a single copy would (a twin at distance 0 would otherwise shrink the mean and inflate sigma, up to 1e-9**-beta
+    with K twins, which makes NovelSelect favour duplicated records).  Exact duplicate = equal float32 values
+    (``np.unique`` semantics, so -0.0 equals 0.0).  ``density_index="all"`` indexes every reference row (datasel's
+    behaviour before this option): a twin is a neighbour at distance 0, only the query's own row is dropped.
+    When the query is not in the reference (no hit at distance 0 and no ``query_ids``), ``self_drop="id"`` keeps the
+    K nearest hits as they are, with either index.  Vectors equal only up to float noise are distinct for
+    ``np.unique``, in the authors' code as here: e.g. MiniLM vectors of two instructions differing only in spaces
+    (squared L2 ~2e-13) stay two neighbours; deduplicate the pool first if that matters.
+
+    Checked against a transcription of the authors' index (faiss ``IndexFlatL2`` over ``np.unique`` rows, K+1 hits,
+    first dropped; K 10, beta 0.5) on ``embed(minilm)`` vectors.  First 400 records of a sorted databricks-dolly-15k
+    pool (394 distinct: one prompt six times, one twice): faiss's first hit is the query's own vector for 400/400
+    rows; sigma agrees to 1.6e-7 relative (``"all"``: up to 43% larger).  ``examples/pool.jsonl`` (586 rows, 576
+    distinct): for 2 rows faiss ranks such a whitespace near-twin first (float32 distance 0 for both), so the
+    authors' code drops the twin and keeps self; sigma still agrees to 6e-7 relative.  ``"all"`` never gives a
+    smaller sigma (its neighbour multiset contains the distinct one).
 
     Args:
         X_raw: (n, d) query vectors, unnormalised.
@@ -85,19 +119,28 @@ def density(
         exclude_self: do not count the query itself as its own neighbour (the reference code always searches K+1 and
             drops one hit).
         self_drop: how the self hit is found when ``exclude_self``:
-            ``"id"`` (default, corrected) — drop the hit that *is* the query: the hit whose reference row id equals the
-            query's id (``reference=None`` or ``query_ids`` given), otherwise the nearest hit at exactly zero distance
-            (the query duplicated in the reference); when no hit qualifies, the K nearest are kept as they are.
-            Distances of the hits are recomputed exactly in float64 and re-ranked (ties by row id).
+            ``"id"`` (default, corrected) — drop the hit that *is* the query: the hit whose reference row id (with
+            ``"unique"``: the id of the query's distinct vector) equals the query's id (``reference=None`` or
+            ``query_ids`` given), otherwise the nearest hit at exactly zero distance (the query duplicated in the
+            reference); when no hit qualifies, the K nearest are kept as they are.  Distances of the hits are
+            recomputed exactly in float64 and re-ranked (ties by row id).
             ``"first"`` (reference compatibility) — drop faiss's first hit blindly and average faiss's own float32
-            distances of the remaining K.  Wrong when the query is not in the reference (the true nearest neighbour
-            is dropped) or when a duplicate outranks the query.
+            distances of the remaining K, which is exactly what the authors' code does.  Wrong when the query is not
+            in the reference (the true nearest neighbour is dropped) or when float32 rounding ranks another vector
+            before the query's own (faiss's BLAS path computes |x|^2 + |y|^2 - 2 x.y, so the self distance need not be
+            exactly 0); with ``"all"``, also when a twin outranks the query (harmless: both are at distance 0).
         query_ids: (n,) reference row id of each query row, when the queries are rows of ``reference``
             (e.g. a selection inside its pool); lets ``"id"`` drop exactly the right hit.
+        density_index: ``"unique"`` (default; the authors' code) — index the distinct reference vectors;
+            ``"all"`` — index every reference row, duplicates included.
 
     Returns: float64 (n,) sigma.
 
-    Complexity: one exact kNN search, O(n*m*d) (faiss, multithreaded); O(n*K*d) for the exact re-ranking.
+    Raises ValueError when the index (distinct vectors with ``"unique"``) has fewer than K+1 rows (K with
+    ``exclude_self=False``).
+
+    Complexity: one exact kNN search, O(n*m*d) (faiss, multithreaded); O(n*K*d) for the exact re-ranking;
+    ``"unique"`` adds a row sort of the reference, O(m*log(m)*d) worst case.
     """
     import faiss
 
@@ -107,6 +150,7 @@ def density(
         raise ValueError(f"reference has dimension {R.shape[1]}, X_raw has {Q.shape[1]}")
     if self_drop not in ("id", "first"):
         raise ValueError(f"self_drop must be 'id' or 'first', got {self_drop!r}")
+    _check_density_index(density_index)
     K = int(K)
     if K < 1:
         raise ValueError(f"K must be >= 1, got {K}")
@@ -121,9 +165,19 @@ def density(
             raise IndexError("query_ids out of range of the reference rows")
     else:
         ids = None
+    what = "rows"
+    if density_index == "unique" and m:
+        # The authors' FaissIndex: np.unique over the float32 rows.  Reference row j becomes distinct row inverse[j].
+        R, inverse = np.unique(R, axis=0, return_inverse=True)
+        R = np.ascontiguousarray(R)
+        if ids is not None:
+            ids = inverse.reshape(-1).astype(np.int64)[ids]
+        if R.shape[0] < m:
+            what = f"distinct rows (of {m})"
+        m = R.shape[0]
     n_search = K + 1 if exclude_self else K
     if n_search > m:
-        raise ValueError(f"reference has {m} rows; need at least {n_search} for K={K} (exclude_self={exclude_self})")
+        raise ValueError(f"reference has {m} {what}; need at least {n_search} for K={K} (exclude_self={exclude_self})")
     if n == 0:
         return np.empty(0, dtype=np.float64)
 
@@ -173,7 +227,7 @@ def _check_vector(v, n: int, name: str) -> np.ndarray:
     return v
 
 
-def _prepare_select(X, k, sigma, density_combine, quality, seed, first, K, beta):
+def _prepare_select(X, k, sigma, density_combine, quality, seed, first, K, beta, density_index):
     Xr = float32_rows(X, "X")
     n = Xr.shape[0]
     k = int(k)
@@ -181,9 +235,10 @@ def _prepare_select(X, k, sigma, density_combine, quality, seed, first, K, beta)
         raise ValueError(f"k must be in [0, {n}], got {k}")
     if density_combine not in _COMBINE:
         raise ValueError(f"density_combine must be one of {sorted(_COMBINE)}, got {density_combine!r}")
+    _check_density_index(density_index)
     if sigma is None:
         # k <= 1 never scores a row: skip the kNN search (which also needs more than K rows)
-        sig = density(Xr, K=K, beta=beta) if k > 1 else np.ones(n)
+        sig = density(Xr, K=K, beta=beta, density_index=density_index) if k > 1 else np.ones(n)
     else:
         sig = _check_vector(sigma, n, "sigma")
     q = np.ones(n) if quality is None else _check_vector(quality, n, "quality")
@@ -324,10 +379,14 @@ def novelselect(
     first: int | None = None,
     K: int = 10,
     beta: float = 0.5,
+    density_index: str = "unique",
     buffer_dtype="float64",
     parallel: bool | None = None,
 ) -> NovelResult:
-    """NovelSelect (METHODS.md 2.13): greedily add the row with the largest density-scaled, proximity-weighted novelty.
+    """NovelSelect: greedily add the row with the largest density-scaled, proximity-weighted novelty.
+
+    Yang et al., ACL 2025; the authors' loop is UmeanNever/NovelSum, ``novelselect.py`` (``novelselect`` with
+    ``bi_density_weighted_distance`` and ``distance_weighted``).
 
     With X L2-normalised (rows of the raw ``X`` are normalised here), S_t the t rows picked so far and for candidate i:
     c_ij = (1 - cos(x_i, s_j)) * g(sigma_i, sigma_j), sorted ascending over j, weighted by 1/rank**alpha,
@@ -338,7 +397,12 @@ def novelselect(
     Args:
         X: (N, d) embeddings (raw; normalised internally in float32).
         k: number of rows to pick.
-        sigma: (N,) density weights; default ``density(X, K=K, beta=beta)`` on the raw rows (reference: K 10, beta 0.5).
+        sigma: (N,) density weights; default ``density(X, K=K, beta=beta, density_index=density_index)`` on the raw
+            rows (reference: K 10, beta 0.5).
+        density_index: ``"unique"`` (default, the authors' ``FaissIndex``) — the density index holds the distinct
+            vectors, so a row's exact duplicates are never its neighbours (see :func:`density`); ``"all"`` — every
+            row is indexed and a twin counts at distance 0 (larger sigma for duplicated rows).  Ignored when
+            ``sigma`` is given.
         alpha: rank exponent p (reference ``distance_power``, default 1.0); 0 = plain mean (no sort, no buffer).
         density_combine: g = ``"sum"`` sigma_i + sigma_j (the reference selection code), ``"row"`` sigma_i (the metric's
             convention), ``"product"`` sigma_i * sigma_j.
@@ -360,7 +424,7 @@ def novelselect(
     float64; 396K x 10K needs float32 or chunking).  Picks equal the reference loop's in float64 up to rounding of
     sums (~1e-15 relative), i.e. except for exact numerical ties.
     """
-    Xn, k, sig, q, first = _prepare_select(X, k, sigma, density_combine, quality, seed, first, K, beta)
+    Xn, k, sig, q, first = _prepare_select(X, k, sigma, density_combine, quality, seed, first, K, beta, density_index)
     n = Xn.shape[0]
     if k == 0:
         return NovelResult(np.empty(0, np.int64), np.empty(0, np.float64))
@@ -424,6 +488,7 @@ def novelselect_reference(
     first: int | None = None,
     K: int = 10,
     beta: float = 0.5,
+    density_index: str = "unique",
     batch_size: int = 10_000,
     dtype="float64",
 ) -> NovelResult:
@@ -435,7 +500,7 @@ def novelselect_reference(
     the matrix work: ``"float64"`` for an exact oracle, ``"float32"`` for the reference's speed class on CPU; the
     reference itself runs fp16 on GPU).  Complexity O(N*t*(d + log t)) per pick, O(N*k^2*(d + log k)) in all.
     """
-    Xn, k, sig, q, first = _prepare_select(X, k, sigma, density_combine, quality, seed, first, K, beta)
+    Xn, k, sig, q, first = _prepare_select(X, k, sigma, density_combine, quality, seed, first, K, beta, density_index)
     if k == 0:
         return NovelResult(np.empty(0, np.int64), np.empty(0, np.float64))
     Xn = Xn.astype(np.dtype(dtype))
@@ -464,9 +529,11 @@ def novelsum(
     *,
     target_ids=None,
     self_drop: str = "id",
+    density_index: str = "unique",
     block: int = 500,
 ) -> float:
-    """NovelSum diversity of a target set (METHODS.md 2.13, metric steps 1-5).
+    """NovelSum diversity of a target set (Yang et al., ACL 2025; UmeanNever/NovelSum, ``novelsum.py``: ``novelsum``,
+    ``weighted_average`` and ``compute_cos_distance``, with the density of ``utils.py``'s ``FaissIndex``).
 
     D_ij = 1 - cos(x_i, x_j) on L2-normalised target rows; M_ij = sigma_i * D_ij (row scaled by its own density, the
     metric's convention); each row sorted ascending, **including** itself (D_ii = 0 at rank 1, so the nearest distinct
@@ -481,6 +548,9 @@ def novelsum(
         exclude_self: drop the diagonal (by index, not "the first sorted element") before ranking.
         target_ids: reference row ids of the target rows when the target is a subset of ``reference`` (exact
             self-exclusion in the density); ``self_drop`` is passed to :func:`density` (``"first"`` = reference quirk).
+        density_index: ``"unique"`` (default, the authors' code: the density index holds the distinct reference
+            vectors, so exact duplicates are never neighbours) or ``"all"`` (every reference row); see :func:`density`.
+            Only sigma changes: duplicates inside the target still meet each other at cosine distance 0 in D.
         block: rows per block of the n x n matrix (the reference's 500).
 
     Complexity: O(m*n*d) density search + O(n^2*d + n^2*log n) for the blocked distance matrix and row sorts; memory
@@ -492,7 +562,8 @@ def novelsum(
         raise ValueError("NovelSum of an empty target set is undefined")
     if exclude_self and n < 2:
         raise ValueError("exclude_self needs at least 2 target rows")
-    sigma = density(Xr, reference, K=K, beta=beta, exclude_self=True, self_drop=self_drop, query_ids=target_ids)
+    sigma = density(Xr, reference, K=K, beta=beta, exclude_self=True, self_drop=self_drop, query_ids=target_ids,
+                    density_index=density_index)
     Xn = unit_rows(Xr.astype(np.float64))
     ncol = n - 1 if exclude_self else n
     w = _rank_weights(ncol, alpha)

@@ -138,11 +138,15 @@ def naive_kcenter(D: np.ndarray, k: int, candidates, centres=(), first=None) -> 
     return picked
 
 
-def naive_novelselect(X, k, *, K=10, beta=0.5, alpha=1.0, density="sum", seed=42, quality=None) -> list[int]:
+def naive_novelselect(X, k, *, K=10, beta=0.5, alpha=1.0, density="sum", seed=42, quality=None,
+                      density_index="unique") -> list[int]:
     """NovelSelect as written in the paper's loop, recomputed from scratch at every step.
 
-    σ_i = 1 / (mean of the K smallest squared L2 distances to the other rows + 1e-9)^β (raw vectors,
-    self excluded by index); first pick = numpy default_rng(seed).integers(n) (novelsum.py's draw);
+    σ_i = 1 / (mean of the K smallest squared L2 distances to the other rows + 1e-9)^β (raw vectors);
+    density_index="unique" (the authors' utils.py FaissIndex over np.unique vectors, first hit = self
+    dropped): the other rows are the distinct vectors other than x_i, each counted once, so x_i's exact
+    twins never count; "all": every other row by index, twins at distance 0 included.
+    First pick = numpy default_rng(seed).integers(n) (novelsum.py's draw);
     then v_i = Σ_r c_(r) / r^α / t over the t picks so far, c_ij = (1 − cos(x_i, x_j)) · g,
     g = σ_i + σ_j ("sum"), σ_i ("row") or σ_i·σ_j ("product"); times quality_i when given;
     picked rows −inf; first argmax.
@@ -151,8 +155,18 @@ def naive_novelselect(X, k, *, K=10, beta=0.5, alpha=1.0, density="sum", seed=42
     n = len(X)
     D2 = ((X[:, None, :] - X[None, :, :]) ** 2).sum(axis=-1)
     sigma = np.empty(n)
+    keys = [tuple(row) for row in X.tolist()]
     for i in range(n):
-        d = np.sort(np.delete(D2[i], i))
+        if density_index == "all":
+            d = np.sort(np.delete(D2[i], i))
+        else:
+            seen = {keys[i]}  # the query's own vector (and with it every twin) is the dropped "self"
+            d = []
+            for j in range(n):
+                if keys[j] not in seen:
+                    seen.add(keys[j])
+                    d.append(D2[i, j])
+            d = np.sort(d)
         sigma[i] = 1.0 / (d[:K].mean() + 1e-9) ** beta
     U = unit(X)
     order = [int(np.random.default_rng(seed).integers(n))]
@@ -341,6 +355,63 @@ def test_novelsum_equals_naive_novelselect(env, density):
     X = env.E[:N_SMALL]
     expected = naive_novelselect(X, 8, K=10, beta=0.5, alpha=1.0, density=density, seed=42)
     assert got == expected
+
+
+@pytest.fixture(scope="module")
+def dup_pool(env, tmp_path_factory):
+    """The first 60 records plus exact copies of four of them (one three times in all), shuffled: 66 records,
+    60 distinct embeddings (the copies share the cached vectors)."""
+    copies = [2, 2, 9, 31, 31, 47]
+    records = env.records[:N_SMALL] + [env.records[i] for i in copies]
+    records = [records[i] for i in np.random.default_rng(5).permutation(len(records))]
+    path = _dump(tmp_path_factory.mktemp("dups") / "dups.jsonl", records)
+    X = values(env, EMB, pool=path).astype(np.float64)
+    assert X.shape == (N_SMALL + len(copies), 384) and len(np.unique(X, axis=0)) == N_SMALL
+    return path, X
+
+
+def test_novelsum_duplicates_density_over_distinct_vectors(env, dup_pool):
+    # default: the authors' density, exact duplicates are never density neighbours
+    path, X = dup_pool
+    got = select(env, f"select novelsum({EMB}, 8)", pool=path)
+    assert got == naive_novelselect(X, 8)
+    explicit = select(env, f'select novelsum({EMB}, 8, density_index="unique", knn=5)', pool=path)
+    assert explicit == naive_novelselect(X, 8, K=5)
+    # "all": the old behaviour, a twin counts at distance 0 and inflates σ; the picks really differ
+    old = select(env, f'select novelsum({EMB}, 8, density_index="all")', pool=path)
+    assert old == naive_novelselect(X, 8, density_index="all")
+    assert old != got
+
+
+def test_novelsum_all_copies_of_one_record(env, tmp_path):
+    # one distinct vector: no density can be estimated, every candidate ties, picks follow the record order
+    path = _dump(tmp_path / "same.jsonl", [env.records[4]] * 5)
+    first = int(np.random.default_rng(42).integers(5))
+    rest = [i for i in range(5) if i != first]
+    assert select(env, f"select novelsum({EMB}, 3)", pool=path) == [first] + rest[:2]
+    assert select(env, f'select novelsum({EMB}, 3, density_index="all")', pool=path) == [first] + rest[:2]
+
+
+@pytest.mark.slow
+def test_novelsum_duplicates_on_real_dolly_records(env, tmp_path):
+    """400 Dolly records: one prompt six times, another twice (same instruction + input, so the same embedding).
+    With "all" the duplicated prompt's σ is inflated by its twins and it is picked early; the default follows the
+    authors' density."""
+    dolly = Path("/work/shared/data/pools/dolly.jsonl")
+    if not dolly.exists():
+        pytest.skip(f"{dolly} is not available")
+    lines = dolly.read_text(encoding="utf-8").splitlines()[:400]
+    path = tmp_path / "dolly400.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    X = values(env, EMB, pool=path).astype(np.float64)
+    keys = [tuple(r) for r in X.tolist()]
+    twins = {i for i, key in enumerate(keys) if keys.count(key) > 1}
+    assert len(twins) >= 2
+    got = select(env, f"select novelsum({EMB}, 10)", pool=path)
+    assert got == naive_novelselect(X, 10)
+    old = select(env, f'select novelsum({EMB}, 10, density_index="all")', pool=path)
+    assert old == naive_novelselect(X, 10, density_index="all")
+    assert twins & set(old[:3]) and not twins & set(got)  # "all" picks a duplicated prompt third; the default never
 
 
 def test_novelsum_parameters_matter(env):

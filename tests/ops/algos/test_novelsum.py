@@ -74,6 +74,42 @@ def pool():
     return (rng.standard_normal((120, 6)) * rng.uniform(0.5, 2.0, (120, 1))).astype(np.float32)
 
 
+def authors_density(Q, R=None, K=10, beta=0.5):
+    """The authors' density (UmeanNever/NovelSum, utils.py FaissIndex.local_density), by brute force: the index holds
+    the distinct reference vectors; each query row (in the reference) takes its K+1 nearest indexed vectors by
+    squared L2 and drops the first, its own vector at distance 0.  Written with Python sets of row tuples: for row i
+    the neighbours are the distinct vectors other than x_i itself."""
+    Q = np.asarray(Q, np.float32)
+    R = Q if R is None else np.asarray(R, np.float32)
+    distinct = sorted({tuple(r.tolist()) for r in R})
+    out = []
+    for q in Q:
+        others = np.array([v for v in distinct if v != tuple(q.tolist())], dtype=np.float64)
+        assert len(others) == len(distinct) - 1  # the query is in the reference: its own vector is the dropped hit
+        d = np.sort(((others - q.astype(np.float64)) ** 2).sum(1))
+        out.append(1.0 / (d[:K].mean() + 1e-9) ** beta)
+    return np.array(out)
+
+
+DUPLICATED = [3, 3, 8, 21, 21, 21, 30]  # base rows copied: row 3 and row 21 three and four times in all
+
+
+@pytest.fixture(scope="module")
+def dup_pool():
+    """40 distinct raw vectors plus 7 exact copies of 4 of them, shuffled: 47 rows, 40 distinct."""
+    rng = np.random.default_rng(11)
+    base = (rng.standard_normal((40, 5)) * rng.uniform(0.5, 2.0, (40, 1))).astype(np.float32)
+    X = np.concatenate([base, base[DUPLICATED]])[rng.permutation(47)]
+    assert len({tuple(r.tolist()) for r in X}) == 40
+    return X
+
+
+def twin_rows(X):
+    """Indices of the rows that have an exact copy elsewhere in X."""
+    keys = [tuple(r.tolist()) for r in X]
+    return np.array([i for i, key in enumerate(keys) if keys.count(key) > 1])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # density
 
@@ -88,15 +124,19 @@ def test_density_without_self_exclusion(pool):
     np.testing.assert_allclose(density(pool, K=4, exclude_self=False), ref, rtol=1e-9)
 
 
-def test_density_self_drop_by_id_with_duplicates():
+def test_density_all_index_counts_a_duplicate_as_a_neighbour():
     rng = np.random.default_rng(0)
     X = rng.standard_normal((30, 4)).astype(np.float32)
-    X[10] = X[3]  # a genuine duplicate is a neighbour at distance 0, not "self"
-    sig = density(X, K=2, beta=1.0)
+    X[10] = X[3]  # density_index="all": a genuine duplicate is a neighbour at distance 0, not "self"
+    sig = density(X, K=2, beta=1.0, density_index="all")
     np.testing.assert_allclose(sig, brute_density(X, K=2, beta=1.0), rtol=1e-9)
     # row 3's two nearest others: row 10 (0) and its true nearest distinct row
-    d3 = np.sort(np.delete(brute_sqdist(X[3:4], X)[0], [3, 10]))[0]
-    assert sig[3] == pytest.approx(1.0 / (d3 / 2 + 1e-9))
+    d3 = np.sort(np.delete(brute_sqdist(X[3:4], X)[0], [3, 10]))
+    assert sig[3] == pytest.approx(1.0 / (d3[0] / 2 + 1e-9))
+    # the default (the authors' np.unique index): the twin goes with "self", the two nearest distinct rows count
+    uniq = density(X, K=2, beta=1.0)
+    assert uniq[3] == uniq[10] == pytest.approx(1.0 / (d3[:2].mean() + 1e-9))
+    assert uniq[3] < sig[3]
 
 
 def test_density_separate_reference(pool):
@@ -122,10 +162,98 @@ def test_density_query_ids_and_zero_distance(pool):
 def test_density_errors(pool):
     with pytest.raises(ValueError, match="reference has 5 rows; need at least 6 for K=5"):
         density(pool[:5], K=5)  # needs K+1 rows
+    twins = np.concatenate([pool[:5], pool[:1]])
+    with pytest.raises(ValueError, match=r"reference has 5 distinct rows \(of 6\); need at least 6 for K=5"):
+        density(twins, K=5)  # K+1 distinct rows with the default index
+    assert density(twins, K=5, density_index="all").shape == (6,)
+    with pytest.raises(ValueError, match="density_index must be 'unique' or 'all', got 'distinct'"):
+        density(pool, density_index="distinct")
+    with pytest.raises(ValueError, match="density_index must be 'unique' or 'all', got 'rows'"):
+        novelselect(pool, 3, density_index="rows")
     with pytest.raises(ValueError, match="self_drop must be 'id' or 'first', got 'last'"):
         density(pool, self_drop="last")
     with pytest.raises(ValueError, match="reference has dimension 3, X_raw has 6"):
         density(pool, pool[:, :3])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# exact duplicates: the density index over distinct vectors (the authors' FaissIndex) vs every row
+
+
+@pytest.mark.parametrize("K,beta", [(3, 0.5), (1, 1.0), (10, 0.25)])
+def test_density_default_matches_the_authors_distinct_index(dup_pool, K, beta):
+    want = authors_density(dup_pool, K=K, beta=beta)
+    np.testing.assert_allclose(density(dup_pool, K=K, beta=beta), want, rtol=1e-9)
+    # self_drop="first" is the authors' code path itself (drop faiss's first hit, faiss's float32 distances)
+    np.testing.assert_allclose(density(dup_pool, K=K, beta=beta, self_drop="first"), want, rtol=1e-4)
+    # the old behaviour: every row indexed, only the query's own row dropped, twins count at distance 0
+    old = density(dup_pool, K=K, beta=beta, density_index="all")
+    np.testing.assert_allclose(old, brute_density(dup_pool, K=K, beta=beta), rtol=1e-9)
+    twins = twin_rows(dup_pool)
+    assert len(twins) == 11
+    assert np.all(old[twins] > want[twins])  # a zero-distance twin inflates the density weight
+
+
+def test_density_twins_share_sigma_and_equal_a_single_copy(dup_pool):
+    sig = density(dup_pool, K=3)
+    keys = [tuple(r.tolist()) for r in dup_pool]
+    for i in twin_rows(dup_pool):
+        for j in range(len(keys)):
+            if keys[j] == keys[i]:
+                assert sig[j] == sig[i]
+    # collapsing the copies by hand changes nothing: each row's sigma is that of its single copy
+    single = np.unique(dup_pool, axis=0)
+    where = {tuple(r.tolist()): i for i, r in enumerate(single)}
+    np.testing.assert_allclose(sig, density(single, K=3)[[where[key] for key in keys]], rtol=1e-12)
+
+
+def test_density_distinct_index_with_query_ids_and_outside_queries(dup_pool):
+    ids = np.array([0, 5, 11, 17, 29, 46])
+    want = authors_density(dup_pool[ids], dup_pool, K=4)
+    np.testing.assert_allclose(density(dup_pool[ids], dup_pool, K=4, query_ids=ids), want, rtol=1e-9)
+    np.testing.assert_allclose(density(dup_pool[ids], dup_pool, K=4), want, rtol=1e-9)  # zero-distance hit = self
+    # queries outside the reference: nothing dropped, the K nearest distinct reference vectors count
+    Q = dup_pool[:5] + 0.01
+    distinct = np.unique(dup_pool, axis=0)
+    D = np.sort(brute_sqdist(Q, distinct), axis=1)
+    np.testing.assert_allclose(density(Q, dup_pool, K=4), 1.0 / (D[:, :4].mean(1) + 1e-9) ** 0.5, rtol=1e-9)
+    D_all = np.sort(brute_sqdist(Q, dup_pool), axis=1)
+    np.testing.assert_allclose(density(Q, dup_pool, K=4, density_index="all"),
+                               1.0 / (D_all[:, :4].mean(1) + 1e-9) ** 0.5, rtol=1e-9)
+
+
+@pytest.mark.parametrize("combine", ["sum", "row"])
+def test_novelselect_default_picks_match_the_authors_density(dup_pool, combine):
+    k, K = 15, 3
+    got = novelselect(dup_pool, k, K=K, density_combine=combine, first=0)  # sigma computed inside
+    want = naive_novelselect(dup_pool, k, authors_density(dup_pool, K=K), 0, combine=combine)
+    np.testing.assert_array_equal(got.order, want)
+    ref = novelselect_reference(dup_pool, k, K=K, density_combine=combine, first=0)
+    np.testing.assert_array_equal(ref.order, want)
+    # density_index="all" is the old behaviour (twins inflate sigma), and here it really picks differently
+    old = novelselect(dup_pool, k, K=K, density_combine=combine, first=0, density_index="all")
+    old_want = naive_novelselect(dup_pool, k, brute_density(dup_pool, K=K), 0, combine=combine)
+    np.testing.assert_array_equal(old.order, old_want)
+    assert not np.array_equal(old.order, got.order)
+
+
+def test_novelsum_metric_default_uses_the_distinct_index(dup_pool):
+    target = np.array([1, 4, 9, 12, 20, 26, 33, 40, 44])
+    X = dup_pool[target]
+    want = direct_novelsum(X, authors_density(X, dup_pool, K=3))
+    assert novelsum(X, dup_pool, K=3, target_ids=target) == pytest.approx(want, rel=1e-10)
+    old = direct_novelsum(X, brute_density(X, dup_pool, K=3, self_ids=target))
+    assert novelsum(X, dup_pool, K=3, target_ids=target, density_index="all") == pytest.approx(old, rel=1e-10)
+    assert abs(want - old) > 1e-3 * abs(old)  # the target meets duplicated pool rows: the two really differ
+    # the report behind `datasel measure` (density over the pool) follows the same default and option
+    from datasel.ops.algos.diversity_metrics import measure
+
+    assert measure(dup_pool, target, ["novelsum"], novelsum_K=3)["novelsum"] == pytest.approx(want, rel=1e-10)
+    got_all = measure(dup_pool, target, ["novelsum"], novelsum_K=3, novelsum_density_index="all")["novelsum"]
+    assert got_all == pytest.approx(old, rel=1e-10)
+    # reference = the target itself (which holds a twin pair here)
+    Xt = dup_pool[twin_rows(dup_pool)[:6]]
+    assert novelsum(Xt, K=2) == pytest.approx(direct_novelsum(Xt, authors_density(Xt, K=2)), rel=1e-10)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
