@@ -1,12 +1,13 @@
-"""Diversity selectors vs their reference-style implementations (METHODS.md section 4 workloads).
+"""Diversity selectors vs their reference-style implementations.
 
-- ``kcenter``:  datasel k-center (one fused O(N*d) pass per pick) vs the DiverseEvol pattern (full N x N distance matrix
-  from the Gram matrix, then per step the min over all labelled columns of the rebuilt U x L sub-matrix).
+- ``kcenter``:  datasel k-center (one fused O(N*d) pass per pick) vs the DiverseEvol pattern (OFA-Sys/DiverseEvol @
+  a22e952, ``KCenter``: full N x N distance matrix from the Gram matrix, then per step the min over all labelled
+  columns of the rebuilt U x L sub-matrix).
 - ``kmeans``:   datasel k-means (faiss Lloyd, k-means++ seeding) vs scikit-learn ``KMeans(n_init=1, max_iter=20)``.
-- ``novelsum``: datasel NovelSelect (exact incremental engine) vs the published loop pattern (recompute 1 - X S^T and
-  re-sort all N rows every step).
+- ``novelsum``: datasel NovelSelect (exact incremental engine) vs the published loop pattern (UmeanNever/NovelSum @
+  b594962: recompute 1 - X S^T and re-sort all N rows every step).
 
-Data: N random 384-d unit vectors (numpy seed 0), as in METHODS.md section 4.  Each function returns one JSON-able dict
+Data: N random 384-d unit vectors (numpy seed 0; isotropic data, the hard case for greedy selectors: near-tied gains).  Each function returns one JSON-able dict
 (see benchmarks/run.py).  Timings exclude numba compilation (warmed up on tiny inputs first, reported separately).
 """
 

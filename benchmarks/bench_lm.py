@@ -14,8 +14,8 @@ ifd:          CherryLLM loss-ratio IFD, template ``alpaca``, max_length 512, 256
               ``no_grad`` (the Cherry scripts loop over positions with a host sync each) and no hidden states are
               requested.
 loss:         the conditioned pass alone (rows/s), vs the same batch-1 loop; ``same_result`` = allclose(rtol 1e-4,
-              atol 1e-5) on the mean CE.  METHODS.md §1.4's tighter batched-vs-batch-1 tolerance (rtol 1e-5, atol
-              1e-6) is checked on our own path (``score_pairs`` batched vs ``max_batch=1``, untimed); against the
+              atol 1e-5) on the mean CE.  This project's stricter fp32 batched-vs-batch-1 tolerance (rtol 1e-5,
+              atol 1e-6) is checked on our own path (``score_pairs`` batched vs ``max_batch=1``, untimed); against the
               full-logits loop a few rows miss it by ~1e-5 relative because the output layer is applied to the
               gathered answer rows instead of all T rows (another fp32 GEMM shape), so those rows are counted
               (``methods_tolerance_fail_rows``) rather than failing the check.
@@ -312,7 +312,7 @@ def bench_loss(quick: bool) -> dict:
 
     same, max_diff, _ = _allclose(res.mean, ref, rtol=1e-4, atol=1e-5)
     _, _, methods_fails = _allclose(res.mean, ref, rtol=1e-5, atol=1e-6)
-    # METHODS.md §1.4's batched-vs-batch-1 check on our own path (untimed, at most 64 rows).
+    # The strict fp32 batched-vs-batch-1 check (rtol 1e-5, atol 1e-6) on our own path (untimed, at most 64 rows).
     n1 = min(n, 64)
     res1 = score_pairs(model, pairs[:n1], max_batch=1)
     b1_same, b1_diff, _ = _allclose(res.mean[:n1], res1.mean, rtol=1e-5, atol=1e-6)

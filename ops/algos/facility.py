@@ -1,7 +1,10 @@
 """Facility location (+ QDIT modular term) by exact lazy greedy or stochastic greedy, as plain array functions.
 
-Serves Superfiltering-D (METHODS.md 2.4, kernel ``"euclid_exp"``), QDIT (2.11, FL + alpha * quality), Bhatt et al.
-(2.10) and the "facility" diversity metric (:func:`facility_value`).  Conventions follow METHODS.md 1.6.
+Serves Superfiltering-D (Li et al., ACL 2024; tianyi-lab/Superfiltering @ f0764af, ``code_diversity_fla/do_fla.py``;
+kernel ``"euclid_exp"``), QDIT (Bukharin et al., "Data Diversity Matters for Robust Instruction Tuning", Findings of
+EMNLP 2024, arXiv 2311.14736, no official code; FL + alpha * quality), Bhatt et al. (Findings of ACL 2024, arXiv
+2401.06692; FL on prompt embeddings) and the "facility" diversity metric (:func:`facility_value`).  Kernels follow
+submodlib (decile-team/submodlib), see kernels.py.
 
 Objective.  V = all n rows of X (the records whose coverage is measured), F = the rows that may be selected.
 
@@ -521,7 +524,7 @@ def facility_location(
     knn_index: str = "auto",
     nprobe: int | None = None,
 ) -> GreedyResult:
-    """Greedy maximisation of facility location (+ alpha * quality), METHODS.md 1.6 / 2.4 / 2.11.
+    """Greedy maximisation of facility location (+ alpha * quality): Superfiltering-D's FL and QDIT's f(S).
 
     X:          (n, d) features (converted to contiguous float32).  V = all rows.
     k:          number of rows to pick (besides ``given``).

@@ -1,7 +1,10 @@
 """Greedy k-center (farthest-first traversal) on a feature matrix.
 
-Serves DiverseEvol (METHODS.md 2.2: K-center over the unlabelled pool, starting from the labelled set, raw Euclidean)
-and the k-center selector of Bhatt et al. (2.10).
+Serves DiverseEvol (Wu et al., "Self-Evolved Diverse Data Sampling for Efficient Instruction Tuning", arXiv
+2311.08182; OFA-Sys/DiverseEvol @ a22e952, its ``KCenter`` strategy: K-center over the unlabelled pool, starting from
+the labelled set, raw Euclidean) and the k-center selector of Bhatt et al. ("An Experimental Design Framework for
+Label-Efficient Supervised Finetuning of Large Language Models", Findings of ACL 2024, arXiv 2401.06692; no public
+code).
 
 The published DiverseEvol loop materialises the full N x N distance matrix and, at every pick, takes the minimum over
 all labelled columns for every unlabelled row (rebuilding the U x L sub-matrix).  The same picks follow from one vector
@@ -169,9 +172,9 @@ def kcenter(
 ) -> KCenterResult:
     """Greedy k-center: pick ``k`` rows of ``X``, each the candidate farthest from all centres chosen so far.
 
-    The 2-approximation of Gonzalez (1985), as used by DiverseEvol's ``KCenter`` strategy (METHODS.md 2.2): centres =
-    ``given`` rows (DiverseEvol's labelled set) plus the picks; each step picks the unselected candidate whose distance
-    to its nearest centre is largest, **first maximum (lowest row index) on ties**.
+    The 2-approximation of Gonzalez (1985), as used by DiverseEvol's ``KCenter`` strategy (OFA-Sys/DiverseEvol):
+    centres = ``given`` rows (DiverseEvol's labelled set) plus the picks; each step picks the unselected candidate
+    whose distance to its nearest centre is largest, **first maximum (lowest row index) on ties**.
 
     Args:
         X: (n, d) features; converted to float32 (distances are accumulated in float64, so float32 storage is the

@@ -1,4 +1,8 @@
-"""Similarity kernels and kNN similarity graphs for facility location (METHODS.md 1.6).
+"""Similarity kernels and kNN similarity graphs for facility location.
+
+The kernel names follow submodlib (decile-team/submodlib, ``metric="cosine"`` / ``"euclidean"``), whose euclidean
+kernel is the one Superfiltering-D uses (Li et al., ACL 2024; tianyi-lab/Superfiltering @ f0764af,
+``code_diversity_fla/do_fla.py``).
 
 Plain array functions, float32 throughout (a float64 n x n matrix is never built).
 

@@ -1,11 +1,17 @@
-"""One batched answer-only sequence scorer (METHODS.md §1.3, §1.4, §3 ``seq_score``).
+"""One batched answer-only sequence scorer, shared by every LM-scored method.
 
 Every LM-scored method reduces to "cross-entropy of answer tokens given a context": IFD's
-conditioned and direct passes (Cherry, Superfiltering, Reflection), Small2Large perplexities per
-checkpoint, Nuggets' zero-/one-shot log-probs. This module does that once, fast:
+conditioned and direct passes (CherryLLM, Li et al. NAACL 2024, tianyi-lab/Cherry_LLM @ 01fac8d;
+Superfiltering, Li et al. ACL 2024, tianyi-lab/Superfiltering @ f0764af; IFD v2 in
+tianyi-lab/Reflection_Tuning @ 5b6cef0), Small2Large perplexities per checkpoint (Mekala et al.,
+Findings of ACL 2024, dheeraj7596/Small2Large @ 9f4867e), Nuggets' zero-/one-shot log-probs (Li et
+al., ACL 2024, pldlgb/nuggets @ c7e429f). This module does that once, fast:
 
 * :func:`encode_pairs` tokenises contexts and answers separately and concatenates the ids, so the
-  answer span is exact (no ``rfind`` / boundary-merge shift, METHODS.md §1.3 item 1 **C**).
+  answer span is exact. The IFD scripts instead find the answer with ``text.rfind(output)`` and
+  count the tokens of the prefix text (``get_perplexity_and_embedding_part_text`` in Cherry_LLM's
+  ``cherry_seletion/data_analysis.py`` and Superfiltering's ``code_ifd/data_analysis.py``), so a
+  token merged across the boundary (``Response:`` + ``The``) shifts the span by one.
 * :func:`score_pairs` sorts rows by length into token-budgeted batches (near-zero padding), runs the
   transformer body only, gathers the hidden states at the positions that predict answer tokens and
   applies the output layer there alone, with an fp32 log-sum-exp. ``[batch, time, vocab]`` logits
@@ -21,7 +27,7 @@ quirk (reference)                  option
 =================================  =============================================================
 direct text cut at                 ``encode_pairs(..., budget_contexts=cond_contexts,
 ``max_length − len(prompt) + c``   truncation_slack=c)``; c = 4 Cherry alpaca/wiz, 6 Cherry
-(METHODS.md §1.3 item 3)           vicuna, 1 Reflection/Superfiltering. Default: the answer is
+(the data_analysis.py scripts)     vicuna, 1 Reflection/Superfiltering. Default: the answer is
                                    clipped to ``max_length − len(prompt_ids)`` in both passes.
 Cherry v1 header-conditioned       context = ``templates.direct_prefix(template)`` instead of
 direct pass                        ``""`` (default: bare answer, as Reflection v2/Superfiltering).
@@ -253,7 +259,8 @@ def encode_pairs(
 
     * BOS: prepended to the context per :func:`bos_id` (``add_bos``), never doubled.
     * ``direct_bos``: what an EMPTY context (the direct pass) gets when no BOS was prepended.
-      ``"eos"`` (default, METHODS.md §1.3 item 2 C): the BOS id, or the EOS id when the tokenizer
+      ``"eos"`` (default, a correction of the references, whose GPT-2 direct pass scores tokens
+      2..n only, e.g. Superfiltering's ``code_ifd/data_analysis.py``): the BOS id, or the EOS id when the tokenizer
       has no BOS (GPT-2 ``<|endoftext|>``), so the first answer token is scored. ``"none"``: stay
       empty; :func:`score_pairs` then cannot score the first answer token (GPT-2 reference).
     * ``answer_suffix`` is appended to each answer text before tokenisation; ``append_eos``

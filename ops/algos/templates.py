@@ -1,8 +1,31 @@
-"""Named prompt templates and text renderings (METHODS.md §1.2), byte-exact.
+"""Named prompt templates and text renderings, byte-exact.
 
-Scores depend on the prompt byte for byte, so every string here is quoted from the method
-reference card and pinned by literal tests; bump :data:`template_version` whenever any rendering
-changes, because it is part of every cache key that depends on a rendering.
+Scores depend on the prompt byte for byte, so every string here is the one in the method's
+reference code, pinned by literal tests (tests/ops/algos/test_templates.py):
+
+* ``alpaca``: the Stanford Alpaca prompt (tatsu-lab/stanford_alpaca, ``PROMPT_DICT`` in
+  ``train.py``), as copied by CherryLLM (Li et al., NAACL 2024; tianyi-lab/Cherry_LLM @ 01fac8d,
+  ``cherry_seletion/data_analysis.py``) and Small2Large (Mekala et al., Findings of ACL 2024;
+  dheeraj7596/Small2Large @ 9f4867e);
+* ``wiz``, ``wiz_v1``, ``wiz_noinput``, ``vicuna``: CherryLLM's prompts (tianyi-lab/Cherry_LLM @
+  01fac8d: ``cherry_seletion/data_analysis.py`` for ``wiz_v1``, ``data_by_IFD.py`` for
+  ``wiz_noinput``, the ``*_vic.py`` scripts for ``wiz`` and ``vicuna``; ``wiz`` is also IFD v2's in
+  tianyi-lab/Reflection_Tuning @ 5b6cef0);
+* ``none``: Superfiltering's (Li et al., ACL 2024; tianyi-lab/Superfiltering @ f0764af,
+  ``PROMPT_DICT_NONE`` in ``code_ifd/data_analysis.py``); text kind ``whole`` is its
+  Superfiltering-D text (``code_diversity_fla/do_fla.py``);
+* ``nuggets``: Nuggets' prompt (Li et al., ACL 2024; pldlgb/nuggets @ c7e429f);
+* ``tulu``: the Tulu / open-instruct messages format as LESS uses it (Xia et al., ICML 2024;
+  princeton-nlp/LESS @ 8abf962, ``less/data_selection/get_training_dataset.py``);
+* text kinds ``small2large`` (Small2Large's clustering text), ``alpaca_full_eos`` (DiverseEvol,
+  Wu et al., arXiv 2311.08182; OFA-Sys/DiverseEvol @ a22e952) and ``turns`` (NovelSum, Yang et
+  al., ACL 2025; UmeanNever/NovelSum @ b594962).
+
+Every op that renders a template or a text kind folds :func:`template_digest` /
+:func:`text_digest` into its cache key: a digest of what the rendering produces on fixed probe
+records, plus :data:`RENDERING_VERSION`.  Editing a template's text therefore invalidates the
+scores computed with it, and only those; bump :data:`RENDERING_VERSION` for a change the probe
+records do not exercise.
 
 Records are *normalised* records (dicts) with the keys::
 
@@ -35,7 +58,9 @@ from typing import Any, Mapping, Sequence
 __all__ = [
     "TEMPLATES",
     "TEXT_KINDS",
-    "template_version",
+    "RENDERING_VERSION",
+    "template_digest",
+    "text_digest",
     "render",
     "direct_prefix",
     "text_for",
@@ -44,10 +69,11 @@ __all__ = [
     "split_last_turn",
 ]
 
-#: Bumped whenever any rendering below changes (part of cache keys).
-template_version = "templates-1"
+#: The rendering code's version, folded into every digest (:func:`template_digest`): bump it for a
+#: change of the renderings that the probe records (``_PROBE_RECORDS``) do not exercise.
+RENDERING_VERSION = "templates-2"
 
-# --- the quoted strings (METHODS.md §1.2) ----------------------------------------------------
+# --- the quoted strings (sources in the module docstring) ------------------------------------
 
 _ALPACA_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -99,7 +125,8 @@ TEXT_KINDS: dict[str, str] = {
     "single-turn records: instruction, input (when non-empty) and output",
 }
 
-# Cherry v1 conditions its "direct" pass on the response header (METHODS.md §1.3 item 2).
+# Cherry v1 conditions its "direct" pass on the response header ('### Response:' + output in
+# tianyi-lab/Cherry_LLM @ 01fac8d, cherry_seletion/data_analysis.py).
 # Only alpaca / wiz / vicuna headers come from a reference; the rest are suggested analogues.
 _DIRECT_PREFIX = {
     "alpaca": "### Response:",
@@ -245,8 +272,8 @@ def render(template: str, record: Mapping[str, Any], tokenizer: Any = None) -> t
     answer span is exact. SFT-style losses add EOS at tokenisation time (``append_eos=True``),
     except ``tulu``, whose answer already ends with the EOS string.
 
-    * ``alpaca``, ``wiz``, ``wiz_v1``, ``wiz_noinput``, ``vicuna``, ``none``: prompt per
-      METHODS.md §1.2; answer = output.
+    * ``alpaca``, ``wiz``, ``wiz_v1``, ``wiz_noinput``, ``vicuna``, ``none``: the reference
+      prompt (see the module docstring for where each comes from); answer = output.
     * ``nuggets``: fields stripped, the Input block dropped when the stripped input is empty;
       answer = stripped output.
     * ``tulu``: every message before the last assistant turn as ``<|role|>\\n{c}\\n`` (assistant
@@ -302,7 +329,7 @@ def direct_prefix(template: str, tokenizer: Any = None) -> str:
 
 
 def text_for(kind: str, record: Mapping[str, Any], tokenizer: Any = None) -> str:
-    """Embedding / non-scored text of a record (METHODS.md §1.2), ``kind`` in :data:`TEXT_KINDS`.
+    """Embedding / non-scored text of a record, ``kind`` in :data:`TEXT_KINDS` (sources in the module docstring).
 
     ``whole`` (Superfiltering-D) depends on whether the row had an ``input`` key (``has_input``):
     with the key it is ``instruction + "\\n" + input + "\\n" + output`` (an empty input gives a
@@ -339,3 +366,66 @@ def text_for(kind: str, record: Mapping[str, Any], tokenizer: Any = None) -> str
             return "\n".join(str(m.get("content", "")) for m in messages)
         return "\n".join(t for t in (instruction, inp, output) if t != "")
     raise ValueError(f"unknown text kind {kind!r}; known: {', '.join(TEXT_KINDS)}")
+
+
+# --- cache-key digests -----------------------------------------------------------------------
+
+# Records that take every branch of the renderings above: input / empty input / no input key,
+# surrounding whitespace, a messages-only conversation with a system turn and history, one without
+# an assistant turn, a turn after the last assistant turn, and a record with both fields and messages.
+_PROBE_RECORDS: tuple[dict, ...] = (
+    {"instruction": "Sum the numbers.", "input": "1, 2", "output": "3"},
+    {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+    {"instruction": "Name a colour.", "output": "Blue."},
+    {"instruction": "  Fix this.\n", "input": " \n ", "output": "\nDone. ", "has_input": True},
+    {"instruction": " Translate ", "input": " chat ", "output": " cat\n", "has_input": False},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": " Hello "}, {"role": "user", "content": "2+2?"},
+                  {"role": "assistant", "content": "4"}, {"role": "user", "content": "thanks"}]},
+    {"messages": [{"role": "user", "content": "Anyone there?"}]},
+    {"instruction": "Add 2 and 3.", "input": "", "output": "5",
+     "messages": [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]},
+)
+
+
+class _ProbeTokenizer:
+    """Stands in for a tokenizer in the digests: an EOS string and a chat template that shows its
+    input, so the digests of ``tulu``, ``chat`` and ``alpaca_full_eos`` cover this module's part of
+    those renderings (a real tokenizer's own chat template belongs to the model's key)."""
+
+    eos_token = "<|probe-eos|>"
+
+    @staticmethod
+    def apply_chat_template(messages, tokenize=False, add_generation_prompt=False):
+        text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+
+def _digest(*parts: Any) -> str:
+    import hashlib
+    import json
+
+    payload = json.dumps([RENDERING_VERSION, *parts], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(payload.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def template_digest(template: str) -> str:
+    """Hex digest of what ``template`` renders, for cache keys.
+
+    Covers :func:`render` and :func:`direct_prefix` on the probe records and
+    :data:`RENDERING_VERSION`; stable across processes (no ``hash()``), and changed by any edit to
+    the template's text.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}")
+    tok = _ProbeTokenizer()
+    rendered = [list(render(template, r, tok)) for r in _PROBE_RECORDS]
+    return _digest("template", template, rendered, direct_prefix(template, tok))
+
+
+def text_digest(kind: str) -> str:
+    """Hex digest of what text kind ``kind`` renders (:func:`text_for` on the probe records), for cache keys."""
+    if kind not in TEXT_KINDS:
+        raise ValueError(f"unknown text kind {kind!r}; known: {', '.join(TEXT_KINDS)}")
+    tok = _ProbeTokenizer()
+    return _digest("text", kind, [text_for(kind, r, tok) for r in _PROBE_RECORDS])

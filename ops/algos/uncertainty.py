@@ -1,4 +1,7 @@
-"""Uncertainty of a causal LM over its own greedy response (Bhatt et al., METHODS.md §2.10).
+"""Uncertainty of a causal LM over its own greedy response.
+
+The measures of Bhatt et al., "An Experimental Design Framework for Label-Efficient Supervised
+Finetuning of Large Language Models" (Findings of ACL 2024, arXiv 2401.06692; no public code).
 
 For a prompt x the model decodes greedily ŷ_1..ŷ_T; p_t is its next-token
 distribution at step t and p_t^(1) ≥ p_t^(2) its two largest probabilities.

@@ -220,11 +220,80 @@ def test_every_stored_file_loads_without_pickle(cache, run_recipe, tmp_path):
     assert stray == []
 
 
-def test_lock_is_interprocess_filelock(cache):
-    lk = cache.lock("k" * 32)
-    with lk:
-        assert lk.is_locked
-    assert not lk.is_locked
+# A second process trying ``Cache(root).lock(key)`` without waiting: prints "acquired" or "busy".
+_TRY_LOCK = """
+import sys
+from filelock import Timeout
+from datasel.dsl.cache import Cache
+try:
+    with Cache(sys.argv[1]).lock(sys.argv[2]).acquire(timeout=0):
+        print("acquired")
+except Timeout:
+    print("busy")
+"""
+
+# A contender: waits until every contender is ready (a start barrier of files), then ``rounds``
+# times takes the lock and appends "<tag> start" and "<tag> end" lines to the log while holding it.
+_CONTEND = """
+import os, sys, time
+from pathlib import Path
+from datasel.dsl.cache import Cache
+root, key, log, tag, rounds, n = sys.argv[1:7]
+barrier = Path(log + ".ready")
+barrier.mkdir(exist_ok=True)
+(barrier / tag).touch()
+deadline = time.monotonic() + 60
+while len(os.listdir(barrier)) < int(n):
+    if time.monotonic() > deadline:
+        sys.exit("the other contenders never started")
+    time.sleep(0.001)
+cache = Cache(root)
+for _ in range(int(rounds)):
+    with cache.lock(key):
+        for mark in ("start", "end"):
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"{tag} {mark}\\n")
+"""
+
+
+def _python(script: str, *args) -> list[str]:
+    import sys
+
+    return [sys.executable, "-c", script, *[str(a) for a in args]]
+
+
+def test_lock_excludes_another_process(cache):
+    import subprocess
+
+    key = "k" * 32
+    with cache.lock(key):
+        held = subprocess.run(_python(_TRY_LOCK, cache.root, key), capture_output=True, text=True, timeout=120)
+        other = subprocess.run(_python(_TRY_LOCK, cache.root, "o" * 32), capture_output=True, text=True,
+                               timeout=120)
+    assert (held.stdout.strip(), held.returncode) == ("busy", 0), held.stderr
+    assert (other.stdout.strip(), other.returncode) == ("acquired", 0), other.stderr  # locks are per key
+    released = subprocess.run(_python(_TRY_LOCK, cache.root, key), capture_output=True, text=True, timeout=120)
+    assert (released.stdout.strip(), released.returncode) == ("acquired", 0), released.stderr
+
+
+def test_lock_holders_in_two_processes_never_overlap(cache, tmp_path):
+    """Two processes contend for one key; every start is followed by the same process's end."""
+    import subprocess
+
+    log = tmp_path / "holders.log"
+    rounds = 1000
+    procs = [subprocess.Popen(_python(_CONTEND, cache.root, "k" * 32, log, tag, rounds, 2),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for tag in "AB"]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    lines = log.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 * 2 * rounds
+    pairs = [tuple(lines[i:i + 2]) for i in range(0, len(lines), 2)]
+    overlapping = [(i, pair) for i, pair in enumerate(pairs)
+                   if pair not in ((f"{t} start", f"{t} end") for t in "AB")]
+    assert overlapping == []
+    assert sorted(pair[0] for pair in pairs) == ["A start"] * rounds + ["B start"] * rounds
 
 
 # --------------------------------------------------------------- map shards

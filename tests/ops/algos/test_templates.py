@@ -1,4 +1,10 @@
-"""Byte-exact template renderings (METHODS.md §1.2), against literal strings typed here."""
+"""Byte-exact template renderings, against literal strings typed here.
+
+The strings are the reference repositories' prompts (listed with commits in the docstring of
+``datasel.ops.algos.templates``): Stanford Alpaca's as used by tianyi-lab/Cherry_LLM, CherryLLM's
+``wiz`` / ``vicuna`` variants, tianyi-lab/Superfiltering's ``none``, pldlgb/nuggets' prompt and
+princeton-nlp/LESS's Tulu messages format.
+"""
 
 import importlib.util
 
@@ -174,9 +180,48 @@ def test_text_for():
 def test_registry():
     assert set(T.TEMPLATES) >= {"alpaca", "wiz", "vicuna", "none", "nuggets", "tulu", "chat"}
     assert all(isinstance(v, str) and v for v in T.TEMPLATES.values())
-    assert isinstance(T.template_version, str) and T.template_version
     with pytest.raises(ValueError, match="unknown template 'nope'"):
         T.render("nope", REC_IN)
+
+
+# ------------------------------------------------------------------ cache-key digests
+def _digests() -> dict[str, str]:
+    out = {f"template {t}": T.template_digest(t) for t in T.TEMPLATES}
+    out.update({f"text {k}": T.text_digest(k) for k in T.TEXT_KINDS})
+    return out
+
+
+def test_every_template_and_text_kind_has_its_own_digest():
+    digests = _digests()
+    assert all(len(d) == 32 and int(d, 16) >= 0 for d in digests.values())
+    assert len(set(digests.values())) == len(digests)
+    assert _digests() == digests
+    with pytest.raises(ValueError, match="unknown template 'nope'"):
+        T.template_digest("nope")
+    with pytest.raises(ValueError, match="unknown text kind 'nope'"):
+        T.text_digest("nope")
+
+
+@pytest.mark.parametrize("edit, changed", [
+    # the no-input Alpaca prompt: every rendering built on it, and nothing else
+    (lambda mp: mp.setattr(T, "_ALPACA_NOINPUT", T._ALPACA_NOINPUT.replace("task.", "task!")),
+     {"template alpaca", "text alpaca_prompt", "text alpaca_full", "text alpaca_full_eos"}),
+    (lambda mp: mp.setattr(T, "_ALPACA_INPUT", T._ALPACA_INPUT.replace("### Input:", "### Context:")),
+     {"template alpaca", "text alpaca_prompt", "text alpaca_full", "text alpaca_full_eos"}),
+    (lambda mp: mp.setattr(T, "_VICUNA_SYSTEM", T._VICUNA_SYSTEM + " "), {"template vicuna"}),
+    # the header of Cherry v1's direct pass is part of the template
+    (lambda mp: mp.setitem(T._DIRECT_PREFIX, "nuggets", "Answer:\n"), {"template nuggets"}),
+    (lambda mp: mp.setattr(T, "_tulu_turn", lambda role, content, eos: f"[{role}]{content}{eos}"),
+     {"template tulu"}),
+    (lambda mp: mp.setattr(T, "_nuggets_prompt", lambda instruction, inp: f"Q:{instruction}|{inp}|"),
+     {"template nuggets", "text nuggets_full"}),
+    (lambda mp: mp.setattr(T, "RENDERING_VERSION", T.RENDERING_VERSION + "-next"), "all"),
+])
+def test_a_digest_changes_exactly_with_its_rendering(edit, changed, monkeypatch):
+    before = _digests()
+    edit(monkeypatch)
+    after = _digests()
+    assert {name for name in before if after[name] != before[name]} == (set(before) if changed == "all" else changed)
 
 
 def test_turns_text_joins_every_turn_with_newlines():
