@@ -1,7 +1,8 @@
 """The shipped recipes (recipes/*.sel): every one compiles and names its paper in its header;
-the diversity recipes (qdit, novelsum, expdesign_diversity and its facility variant) run end to
-end on the first 120 records of examples/pool.jsonl, with a tiny random Llama standing in for
-SmolLM2 where a language model is involved, return the documented number of records, agree with
+the diversity recipes (qdit, novelsum, expdesign_diversity and its facility variant) and rds (with
+examples/target_arithmetic.jsonl as --val) run end to end on the first 120 records of
+examples/pool.jsonl, with a tiny random Llama standing in for SmolLM2 where a language model is
+involved, return the documented number of records, agree with
 naive references written here, and are fully cached on a second run.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ PAPER = re.compile(r"\((?:[^()]*\D)?(?:19|20)\d\d\)|\bACL\b|\bEMNLP\b|\bNAACL\b|
 # ------------------------------------------------------------------------------------ static checks
 def test_all_recipes_are_found():
     names = {p.stem for p in RECIPES}
-    assert {"qdit", "novelsum", "expdesign_diversity", "superfiltering", "cherry"} <= names
+    assert {"qdit", "novelsum", "expdesign_diversity", "superfiltering", "cherry", "rds"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -226,6 +227,43 @@ def test_novelsum_recipe(pool120, tiny_llama, tmp_path):
     X = _values("features", pool120, cache, recipe="novelsum", sets=sets)
     assert np.allclose(np.linalg.norm(X, axis=1), 1.0, atol=1e-5)  # normalize=true in the recipe
     assert got == _naive_novelselect(X, int(N * 0.10))
+
+
+def _naive_round_robin(W, V, k):
+    """RDS+'s selection loop: each target's full ranking by cosine, then turns (an already selected pick
+    spends the turn), stopping at k."""
+    S = _cos(np.vstack([V, W]))[: len(V), len(V):]
+    rankings = [sorted(range(len(W)), key=lambda i: -S[q, i]) for q in range(len(V))]
+    picked = []
+    while len(picked) < k:
+        for ranking in rankings:
+            i = ranking.pop(0)
+            if i not in picked:
+                picked.append(i)
+            if len(picked) == k:
+                break
+    return picked
+
+
+def test_rds(pool120, tmp_path):
+    cache = tmp_path / "cache"
+    val = ROOT / "examples" / "target_arithmetic.jsonl"
+    out = tmp_path / "rds.jsonl"
+    first = _run("rds", pool120, cache, [], val=val, output=out)
+    got = [int(i) for i in first.selected]
+    k = int(N * 0.05)
+    assert len(got) == len(set(got)) == k
+    lines = pool120.read_text(encoding="utf-8").splitlines()
+    assert out.read_text(encoding="utf-8").splitlines() == [lines[i] for i in got]
+    # dedup_exact keeps the first copy of every text, then the targets take turns
+    texts = [tuple(json.loads(line)[f] for f in ("instruction", "input", "output")) for line in lines]
+    firsts = [i for i, t in enumerate(texts) if texts.index(t) == i]
+    W = _values('embed(minilm, text="whole")', pool120, cache)[firsts]
+    V = _values('embed(minilm, text="whole")', val, cache)
+    assert got == [firsts[i] for i in _naive_round_robin(W, V, k)]
+    second = _run("rds", pool120, cache, [], val=val)
+    assert [int(i) for i in second.selected] == got
+    _assert_fully_cached(second)
 
 
 def test_recipe_set_overrides_show_in_manifest(pool120, tiny_llama, tmp_path):
