@@ -88,6 +88,13 @@ class Neg(Expr):
 
 
 @dataclass
+class Not(Expr):
+    """``not x``: the records of the input that selector ``x`` leaves out."""
+
+    operand: Expr
+
+
+@dataclass
 class Lambda(Expr):
     param: str
     param_span: Span
@@ -117,7 +124,7 @@ class Program:
     broken_names: set[str] = field(default_factory=set)
 
 
-COMPARISONS = ("<", "<=", ">", ">=", "==", "!=")
+COMPARISONS = ("<", "<=", ">", ">=", "==", "!=", "in", "not in")
 
 
 def walk(expr: Expr):
@@ -134,7 +141,7 @@ def walk(expr: Expr):
     elif isinstance(expr, BinOp):
         yield from walk(expr.left)
         yield from walk(expr.right)
-    elif isinstance(expr, Neg):
+    elif isinstance(expr, (Neg, Not)):
         yield from walk(expr.operand)
     elif isinstance(expr, Lambda):
         yield from walk(expr.body)

@@ -81,7 +81,7 @@ class Checked:
         return self.types.get(id(expr), ANY)
 
 
-RESERVED = ("select", "true", "false", "none", "of")
+RESERVED = ("select", "true", "false", "none", "of", "not", "in")
 
 
 def _declares(declared: Kind | tuple[Kind, ...], kind: Kind) -> bool:
@@ -206,9 +206,23 @@ class Checker:
     def expr_Neg(self, e: ast.Neg, scope) -> Type:
         t = self.expr(e.operand, scope)
         if t.kind not in (Kind.NUMBER, Kind.SCORES, Kind.ANY):
-            self.error(f"'-' negates Scores or numbers, got {t.describe()} ({_snippet(e.operand)})", e.span)
+            hint = ""
+            if t.kind is Kind.SELECTOR:
+                hint = f"; for the records a selector leaves out write not {_snippet(e.operand)}"
+            self.error(f"'-' negates Scores or numbers, got {t.describe()} ({_snippet(e.operand)}){hint}", e.span)
             return ANY
         return t
+
+    def expr_Not(self, e: ast.Not, scope) -> Type:
+        t = self._pool_as_selector(e.operand, self.expr(e.operand, scope), scope)
+        if t.kind in (Kind.SELECTOR, Kind.ANY):
+            return Type(Kind.SELECTOR)
+        hint = ""
+        if t.kind is Kind.SCORES:
+            hint = f"; to drop records by a score compare it, e.g. not {_snippet(e.operand)} > 0"
+        self.error(f"'not' takes a Selector (it keeps the records the selector leaves out), got {t.describe()} "
+                   f"({_snippet(e.operand)}){hint}", e.span)
+        return ANY
 
     def expr_BinOp(self, e: ast.BinOp, scope) -> Type:
         left = self.expr(e.left, scope)
@@ -227,6 +241,8 @@ class Checker:
                 return Type(Kind.SELECTOR)
             self._operands_error(e, left, right, "'&' intersects two selections (Selector & Selector)")
             return ANY
+        if op in ("in", "not in") or Kind.STRING in (left.kind, right.kind):
+            return self._text_or_member(e, left, right)
         if op in ast.COMPARISONS:
             numeric = (Kind.NUMBER, Kind.SCORES)
             if left.kind in numeric and right.kind in numeric and Kind.SCORES in (left.kind, right.kind):
@@ -253,6 +269,47 @@ class Checker:
             self._operands_error(e, left, right, f"'{op}' is arithmetic on Scores and numbers")
             return ANY
         raise AssertionError(op)
+
+    def _text_or_member(self, e: ast.BinOp, left: Type, right: Type) -> Type:
+        """``s == "a"``, ``s != "a"``, ``s in [..]``, ``s not in [..]``: Scores against literals."""
+        op = e.op
+        scores, scores_expr, other, other_expr = left, e.left, right, e.right
+        if op not in ("in", "not in") and right.kind is Kind.SCORES:
+            scores, scores_expr, other, other_expr = right, e.right, left, e.left
+        if scores.kind is not Kind.SCORES:
+            self._operands_error(e, left, right, f"'{op}' compares Scores with a value, giving a Selector")
+            return ANY
+        if op in ("in", "not in"):
+            ok, items = literal_value(other_expr)
+            if not isinstance(other_expr, ast.ListLit) or not ok or not all(
+                    isinstance(i, (str, int, float)) and not isinstance(i, bool) for i in items):
+                self.error(f"'{op}' needs a list of strings or numbers written out, e.g. "
+                           f'{_snippet(scores_expr)} {op} ["a", "b"]; got {other.describe()} ({_snippet(other_expr)})',
+                           other_expr.span)
+                return ANY
+            texts = any(isinstance(i, str) for i in items)
+        else:
+            if op not in ("==", "!="):
+                self.error(f"'{op}' compares numbers; a string can only be compared with == or != "
+                           f"(or 'in' a list)", e.op_span)
+                return ANY
+            texts = True
+        if texts and not self._has_text(scores_expr):
+            self.error(f"{_snippet(scores_expr)} is numeric: comparing it with a string needs per-record text, "
+                       f'such as field("category") == "open_qa"', scores_expr.span)
+            return ANY
+        if (scores.dataset or "pool") != "pool":
+            self.error(f"comparisons select records of the pool; these Scores cover {scores.dataset}", e.span)
+        return Type(Kind.SELECTOR)
+
+    def _has_text(self, expr: ast.Expr) -> bool:
+        """Whether ``expr`` is an op that also gives each record's text (declares a ``text_hash`` column)."""
+        seen = set()
+        while isinstance(expr, ast.Name) and expr.id in self.bindings and expr.id not in seen:
+            seen.add(expr.id)
+            expr = self.bindings[expr.id].expr
+        spec = self.calls[id(expr)].spec if id(expr) in self.calls else self.implicit.get(id(expr))
+        return spec is not None and "text_hash" in spec.columns
 
     def _pool_as_selector(self, expr: ast.Expr, t: Type, scope) -> Type:
         if t.kind is Kind.DATASET and isinstance(expr, ast.Name) and expr.id == "pool" and "pool" not in scope:
@@ -397,8 +454,14 @@ class Checker:
                 continue
             self._check_literal(spec, p, a, where)
             if t.kind in reg.PER_RECORD and t.dataset:
+                if p.name in spec.extra.get("any_dataset", ()):
+                    continue  # read whole, e.g. similarity's target=embed(minilm, data=val)
                 if spec.role in ("selector", "partition") and t.dataset != "pool":
-                    self.error(f"{spec.name} selects from the pool but {where} covers {t.dataset} ({_snippet(a)})", a.span)
+                    hint = ""
+                    if t.kind is Kind.FEATURES:
+                        hint = (f"; to rank pool records by their similarity to {t.dataset}, use "
+                                f"similarity(<pool features>, target={_snippet(a)})")
+                    self.error(f"{spec.name} selects from the pool but {where} covers {t.dataset} ({_snippet(a)}){hint}", a.span)
                 per_record_dataset = per_record_dataset or t.dataset
         if spec.role == "macro":
             return self.expand(spec, args, e, scope)
@@ -499,8 +562,13 @@ def _substitute(expr: ast.Expr, mapping: dict[str, ast.Expr], span: Span) -> ast
 
 
 def merge_scopes(layers: list[tuple[Source, ast.Program]], overrides: dict[str, ast.Expr] | None,
-                 errors: list[Diagnostic]) -> tuple[dict[str, ast.Binding], set[str]]:
-    """Merge bindings: later layers override earlier ones; duplicates within a layer are errors."""
+                 errors: list[Diagnostic],
+                 overridden: dict[str, ast.Binding] | None = None) -> tuple[dict[str, ast.Binding], set[str]]:
+    """Merge bindings: later layers override earlier ones; duplicates within a layer are errors.
+
+    ``--set`` overrides may only replace a binding that exists (a typo must not pass
+    silently); the bindings they replace are collected in ``overridden``.
+    """
     merged: dict[str, ast.Binding] = {}
     broken: set[str] = set()
     for source, program in layers:
@@ -523,6 +591,18 @@ def merge_scopes(layers: list[tuple[Source, ast.Program]], overrides: dict[str, 
         if name in DATASETS:
             errors.append(Diagnostic(f"'{name}' is the built-in dataset and cannot be set", expr.span))
             continue
+        if name in RESERVED:
+            errors.append(Diagnostic(f"'{name}' is a reserved word and cannot be set", expr.span))
+            continue
+        if name not in merged:
+            if name in broken:
+                continue  # its statement has a syntax error, reported already
+            errors.append(Diagnostic(
+                f"the recipe and the prelude bind no name '{name}', so this --set would change nothing"
+                f"{_suggest(name, merged)}", expr.span))
+            continue
+        if overridden is not None:
+            overridden[name] = merged[name]
         merged[name] = ast.Binding(name, expr, expr.span, expr.span.source.name)
     return merged, broken
 
@@ -536,8 +616,10 @@ def check(layers: list[tuple[Source, ast.Program]], overrides: dict[str, ast.Exp
     ``datasel eval``, which evaluates an expression instead).
     """
     errors = list(errors or [])
-    bindings, broken = merge_scopes(layers, overrides, errors)
+    overridden: dict[str, ast.Binding] = {}
+    bindings, broken = merge_scopes(layers, overrides, errors, overridden)
     checker = Checker(bindings, broken)
+    _check_overrides(checker, bindings, broken, overridden)
     source, program = layers[-1]
     target = select
     if target is None:
@@ -573,6 +655,26 @@ def check(layers: list[tuple[Source, ast.Program]], overrides: dict[str, ast.Exp
         expansions=checker.expansions,
         sources=[s for s, _ in layers],
     )
+
+
+def _check_overrides(checker: Checker, bindings: dict[str, ast.Binding], broken: set[str],
+                     overridden: dict[str, ast.Binding]) -> None:
+    """A ``--set`` value must have the kind of the binding it replaces: one error, at the ``--set`` text.
+
+    The replaced binding then counts as unknown (Any) for its uses, so a wrong
+    ``--set model=3`` is not reported again at every operator that uses ``model``.
+    """
+    for name, original in overridden.items():
+        new = checker.binding_type(name, None)
+        scratch = Checker(dict(bindings, **{name: original}), broken)
+        old = scratch.expr(original.expr, {})
+        if Kind.ANY in (old.kind, new.kind) or accepts(old.kind, new.kind) or accepts(new.kind, old.kind):
+            continue
+        override = bindings[name]
+        checker.error(f"'{name}' is a {old.kind} ({_snippet(original.expr)} in "
+                      f"{original.span.source.name}), so the new value must be a {old.kind} too; got "
+                      f"{new.describe()} ({_snippet(override.expr)})", override.expr.span)
+        checker.binding_types[name] = ANY
 
 
 def _dedupe(errors: list[Diagnostic]) -> list[Diagnostic]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,12 +71,32 @@ def parse_sets(sets: list[str] | dict[str, str] | None) -> tuple[dict[str, ast.E
                 errors.append(Diagnostic(f"--set expects NAME=EXPRESSION, got {text!r}"))
                 continue
             items.append((name, expr))
+    seen: set[str] = set()
     for name, expr_text in items:
+        if name in seen:
+            errors.append(Diagnostic(f"--set {name} is given twice; give each name once"))
+            continue
+        seen.add(name)
         expr, errs = parse_expression(Source(f"--set {name}", expr_text))
+        if errs and '"' not in expr_text:
+            hint = _quoting_hint(name, expr_text)
+            for d in errs:
+                d.notes.append((hint, None))
         errors.extend(errs)
         if expr is not None:
             overrides[name] = expr
     return overrides, errors
+
+
+_UNQUOTED_CALL = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\(\s*([^\"(),=]+?)\s*([,)].*)$", re.S)
+
+
+def _quoting_hint(name: str, text: str) -> str:
+    """How to write a string in ``--set``: double quotes inside, single quotes around for the shell."""
+    call = _UNQUOTED_CALL.match(text)
+    example = f'{call.group(1)}("{call.group(2)}"{call.group(3)}' if call else f'"{text.strip()}"'
+    return (f"strings are written in double quotes, and the shell needs the whole expression quoted: "
+            f"--set {name}='{example}'")
 
 
 @dataclass

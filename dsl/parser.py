@@ -45,6 +45,8 @@ TERMINAL_WORDS = {
     "FALSE": "false",
     "NONE": "none",
     "OF": "'of'",
+    "NOT": "'not'",
+    "IN": "'in'",
     "POOL": "'pool'",
     "$END": "the end of the statement",
 }
@@ -117,7 +119,7 @@ def _describe_expected(expected: set[str]) -> str:
     words: list[str] = []
     if _EXPRESSION_STARTS <= expected:
         words.append("an expression")
-        expected -= _EXPRESSION_STARTS | {"LSQB", "MINUS", "PERCENT", "TRUE", "FALSE", "NONE"}
+        expected -= _EXPRESSION_STARTS | {"LSQB", "MINUS", "PERCENT", "TRUE", "FALSE", "NONE", "NOT"}
     has_operators = bool(expected & _OPERATORS) and (len(expected - _OPERATORS) > 0 or len(expected) > 2)
     if has_operators:
         expected -= _OPERATORS
@@ -179,6 +181,34 @@ def _open_brackets(text: str) -> list[str]:
     return stack
 
 
+def _compares_before(text: str) -> str | None:
+    """The comparison operator ``text`` (a statement up to a comparison) already holds at the same bracket depth."""
+    depth = 0
+    found: list[str | None] = [None]
+    clean = _strip_strings(_strip_comments(text))
+    i = 0
+    while i < len(clean):
+        ch = clean[i]
+        if ch in "([":
+            depth += 1
+            found.append(None)
+        elif ch in ")]" and depth:
+            depth -= 1
+            found.pop()
+        elif ch in "<>=!" and clean[i:i + 2] != "->" and (ch != "=" or clean[i:i + 2] == "=="):
+            two = clean[i:i + 2]
+            if two in ("==", "!=", "<=", ">="):
+                found[-1] = two
+                i += 2
+                continue
+            if ch in "<>":
+                found[-1] = ch
+        elif ch in "|&,":
+            found[-1] = None  # a new operand of a looser operator
+        i += 1
+    return found[-1]
+
+
 def _strip_strings(text: str) -> str:
     return re.sub(r'"([^"\\\n]|\\.)*"?', '""', text)
 
@@ -235,6 +265,11 @@ def _syntax_error(source: Source, masked: str, start: int, end: int, exc: Unexpe
         message = f"unexpected {_describe_token(token)}"
         expected = set(exc.expected or ())
         line_text = source.line(token.line)
+        first = _compares_before(source.text[start:token.start_pos]) if token.type == "COMPARE" else None
+        if first:
+            message = (f"comparisons do not chain: 'a {first} b {token.value} c' is not allowed; "
+                       f"combine two comparisons with '&', e.g. a {first} b & b {token.value} c")
+            return Diagnostic(message, span)
         if token.column > 1 and not line_text[: token.column - 1].strip():
             message += " (a statement starts at column 1; indented lines continue the statement above)"
     elif isinstance(exc, UnexpectedCharacters):
@@ -334,6 +369,12 @@ class _Builder:
             return ast.ListLit(span, items)
         if rule == "neg":
             return ast.Neg(span, self.expr(kids[1]))
+        if rule == "negate":
+            return ast.Not(span, self.expr(kids[-1]))
+        if rule in ("member", "not_member"):
+            left, right = kids[0], kids[-1]
+            op = "in" if rule == "member" else "not in"
+            return ast.BinOp(span, op, self.expr(left), self.expr(right), self._op_span(left, right, op.split()[0]))
         if rule in ("pipe", "intersect"):
             left, right = kids
             op = "|" if rule == "pipe" else "&"

@@ -41,6 +41,8 @@ def show(e: ast.Expr) -> str:
         return "[" + ", ".join(show(i) for i in e.items) + "]"
     if isinstance(e, ast.Lambda):
         return f"({e.param} -> {show(e.body)})"
+    if isinstance(e, ast.Not):
+        return f"(not {show(e.operand)})"
     raise AssertionError(type(e).__name__)
 
 
@@ -404,8 +406,28 @@ def test_binary_operators_are_left_associative(written, means):
 @pytest.mark.parametrize("written, col", [("a < b < c", 14), ("a < b == c", 14), ("a >= b != c", 15)])
 def test_comparisons_do_not_chain(written, col):
     d = only_error("select " + written)
-    assert d.message.startswith("unexpected '")
+    first, second = [t for t in written.split() if t in ("<", "==", ">=", "!=")]
+    assert d.message == (f"comparisons do not chain: 'a {first} b {second} c' is not allowed; combine two "
+                         f"comparisons with '&', e.g. a {first} b & b {second} c")
     assert d.span.location() == f"t.sel:1:{col}"
+
+
+@pytest.mark.parametrize("written", ["(a < b) & b < c", "f(a < b, c < d)", "[a < b, c > d]", "a < b | c > d"])
+def test_separate_comparisons_are_not_a_chain(written):
+    parse_ok("select " + written)
+
+
+@pytest.mark.parametrize("written, means", [
+    ("not a & b", "((not a) & b)"),
+    ("not a < b", "(not (a < b))"),
+    ("a | not b | c", "((a | (not b)) | c)"),
+    ("not not a", "(not (not a))"),
+    ('f("x") in ["a", "b"] & g', "((f('x') in ['a', 'b']) & g)"),
+    ('f("x") not in [1, 2]', "(f('x') not in [1, 2])"),
+    ("not a in [1]", "(not (a in [1]))"),
+])
+def test_not_and_membership_precedence(written, means):
+    assert shape(written) == means
 
 
 def test_chained_comparison_with_parentheses_parses():
