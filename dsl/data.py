@@ -87,6 +87,15 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.records)
 
+    @property
+    def sizes(self) -> np.ndarray:
+        """Bytes of each record's JSON (its line, for JSON Lines): a cheap proxy of its token count."""
+        if getattr(self, "_sizes", None) is None:
+            self._sizes = np.fromiter(
+                (len(line) if line is not None else len(json.dumps(r, ensure_ascii=False).encode("utf-8"))
+                 for line, r in zip(self.raw_lines, self.raw)), dtype=np.int64, count=len(self.raw))
+        return self._sizes
+
     def where(self, i: int) -> str:
         """``file:line`` (or ``file, record N``) of record ``i``, for messages."""
         line = self.lines[i]
@@ -403,19 +412,41 @@ def load_dataset(path: str | Path, *, name: str = "pool", schema: str | None = N
     )
 
 
-def write_selection(dataset: Dataset, indices, out: str | Path) -> Path:
-    """Write the records at ``indices`` (in that order) in the input's own format.
+OUTPUT_CONTAINERS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 
-    JSON Lines inputs are copied line for line (byte-identical records); JSON
-    arrays and Parquet are rewritten in the same container; a ``datasets``
-    folder is written as JSON Lines, or Parquet when ``out`` ends in .parquet.
+
+def output_container(dataset: Dataset, out: str | Path) -> str:
+    """The container to write ``out`` in: its extension's, else the input's (a datasets folder: JSON Lines)."""
+    suffix = Path(out).suffix.lower()
+    if suffix in OUTPUT_CONTAINERS:
+        return OUTPUT_CONTAINERS[suffix]
+    if suffix:
+        known = ", ".join(sorted(OUTPUT_CONTAINERS))
+        raise DataError(f"{out}: cannot tell the output format from {suffix!r}; use one of {known} "
+                        "(or no extension for the input's format)")
+    return "jsonl" if dataset.container == "hf" else dataset.container
+
+
+def default_output(pool: str | Path, container: str) -> Path:
+    """Where a selection goes when no output is given: ``<pool stem>.selected.<ext>`` next to the pool."""
+    pool = Path(pool)
+    ext = {"jsonl": ".jsonl", "json": ".json", "parquet": ".parquet", "hf": ".jsonl"}[container]
+    stem = pool.name if pool.is_dir() else pool.stem
+    return pool.parent / f"{stem}.selected{ext}"
+
+
+def write_selection(dataset: Dataset, indices, out: str | Path) -> Path:
+    """Write the records at ``indices`` (in that order) in the format ``out``'s extension names.
+
+    ``.jsonl`` from a JSON Lines input copies the lines (byte-identical records);
+    other combinations re-serialise the raw records (``.json``: one JSON array,
+    ``.parquet``: a Parquet table).  Without an extension the input's format is
+    used (JSON Lines for a ``datasets`` folder).
     """
     out = Path(out)
+    container = output_container(dataset, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     indices = [int(i) for i in indices]
-    container = dataset.container
-    if container == "hf":
-        container = "parquet" if out.suffix.lower() in (".parquet", ".pq") else "jsonl"
     tmp = out.with_name(out.name + ".tmp")
     if container == "jsonl":
         with open(tmp, "wb") as f:

@@ -33,8 +33,14 @@ import numpy as np
 from datasel.dsl.cache import Cache
 from datasel.dsl.data import Dataset
 from datasel.dsl.plan import Node, Plan, digest
-from datasel.ops.context import Grouping, Selection
+from datasel.ops.context import NO_TEXT, Grouping, Selection, text_hash
 from datasel.ops.registry import Budget, Kind
+
+
+#: Map results are persisted at least this often (seconds of work), and at most every chunk_rows records.
+PERSIST_SECONDS = 60.0
+#: The first chunk of a map fill is small, to measure the rate before sizing the next ones.
+FIRST_CHUNK_ROWS = 4
 
 
 class OpError(Exception):
@@ -49,6 +55,19 @@ class OpError(Exception):
 
 class NotCached(Exception):
     """Raised in probe mode when a value would have to be computed."""
+
+
+@dataclass
+class Exclusion:
+    """Records an op dropped with a reason of its own (``ctx.exclude``), kept with its cached result."""
+
+    reason: str
+    detail: str | None
+    indices: np.ndarray
+    values: dict
+
+    def verdict_rows(self) -> tuple[np.ndarray, tuple[bool, str, str], dict]:
+        return self.indices, (False, self.reason, self.detail or self.reason), self.values
 
 
 @dataclass
@@ -90,21 +109,47 @@ class NodeStats:
         }
 
 
-class Progress:
-    """A tqdm bar on a terminal; silent with --quiet or when stderr is not a terminal."""
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{sec:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and sys.stderr.isatty()
+
+class Progress:
+    """Progress of long steps on stderr: a live line on a terminal, a line every ~30 s elsewhere.
+
+    On a terminal the line is redrawn in place; in a log (CI, ``nohup``) a
+    step prints a line when it starts, one about every ``interval`` seconds
+    (rows, rows/s, ETA) and one when it ends.  The rate and ETA count from the
+    end of the first batch, so loading a model does not distort them.  Silent
+    with ``--quiet``.
+    """
+
+    def __init__(self, enabled: bool, stream=None, *, interval: float = 30.0, tty: bool | None = None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.interval = interval
 
     @contextmanager
-    def bar(self, total: int, desc: str):
+    def bar(self, total: int, desc: str, unit: str = "rows"):
         if not self.enabled or total <= 0:
             yield _NullBar()
             return
-        from tqdm import tqdm
+        task = _Task(self, total, desc, unit)
+        try:
+            yield task
+        finally:
+            task.close()
 
-        with tqdm(total=total, desc=desc, unit="rows", dynamic_ncols=True, leave=False, file=sys.stderr) as bar:
-            yield bar
+    def line(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=self.stream, flush=True)
 
 
 class _NullBar:
@@ -113,6 +158,58 @@ class _NullBar:
 
     def set_postfix_str(self, s: str) -> None:
         pass
+
+
+class _Task:
+    """One step with a known amount of work (see :class:`Progress`)."""
+
+    def __init__(self, progress: Progress, total: int, desc: str, unit: str):
+        self.p, self.total, self.desc, self.unit = progress, total, desc, unit
+        self.done = 0
+        self.started = time.monotonic()
+        self.first: tuple[float, int] | None = None  # (time, rows) at the end of the first batch
+        self.last_shown = 0.0
+        self.postfix = ""
+        if not self.p.tty:
+            self.p.line(f"{desc}: {total:,} {unit} to compute")
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = text
+
+    def status(self) -> str:
+        text = f"{self.desc}: {self.done:,}/{self.total:,} {self.unit}"
+        now = time.monotonic()
+        if self.first is not None and now > self.first[0] and self.done > self.first[1]:
+            rate = (self.done - self.first[1]) / (now - self.first[0])
+            text += f", {rate:.3g} {self.unit}/s, ETA {_duration((self.total - self.done) / rate)}"
+        elif self.done < self.total:
+            text += ", ETA after the first batch"
+        return text + (f", {self.postfix}" if self.postfix else "")
+
+    def update(self, n: int = 1) -> None:
+        if n <= 0:
+            return
+        self.done += n
+        now = time.monotonic()
+        if self.first is None:
+            self.first = (now, self.done)
+        if self.p.tty:
+            if now - self.last_shown >= 0.2 or self.done >= self.total:
+                self.last_shown = now
+                self.p.stream.write("\r\033[K" + self.status())
+                self.p.stream.flush()
+        elif now - self.last_shown >= self.p.interval and self.done < self.total:
+            self.last_shown = now
+            self.p.line(self.status())
+
+    def close(self) -> None:
+        elapsed = time.monotonic() - self.started
+        if self.p.tty:
+            self.p.stream.write("\r\033[K")
+            self.p.stream.flush()
+        if self.done:
+            rate = f" ({self.done / elapsed:.3g} {self.unit}/s)" if elapsed > 0 else ""
+            self.p.line(f"{self.desc}: {self.done:,} {self.unit} in {_duration(elapsed)}{rate}")
 
 
 def _selection(indices: np.ndarray, pool: Dataset) -> Selection:
@@ -150,15 +247,19 @@ class Engine:
     """Evaluates one plan; create one per run."""
 
     def __init__(self, plan: Plan, datasets: dict[str, Dataset], cache: Cache, *, quiet: bool = False,
-                 probe: bool = False, log=None):
+                 probe: bool = False, log=None, recipe: str | None = None,
+                 persist_seconds: float = PERSIST_SECONDS, progress: Progress | None = None):
         self.plan = plan
+        self.recipe = recipe
+        self.persist_seconds = float(persist_seconds)
         self.datasets = datasets
         self.cache = cache
         self.quiet = quiet
         self.probe = probe
-        self.progress = Progress(not quiet)
+        self.progress = progress or Progress(not quiet)
         self.stats: dict[str, NodeStats] = {nid: NodeStats() for nid in plan.nodes}
-        self.exclusions: dict[str, set] = {}
+        # (node id, bound variables) -> what the op said about the records it dropped
+        self.exclusions: dict[tuple, list[Exclusion]] = {}
         self.warnings: list[str] = []
         self._memo: dict[tuple, Any] = {}
         self._keys: dict[tuple, str] = {}
@@ -180,9 +281,29 @@ class Engine:
         self.warnings.append(message)
         self._log(f"warning: {message}")
 
-    def exclude(self, reason: str, indices) -> None:
-        """Record pool rows left out for ``reason`` (counted once per record in the manifest)."""
-        self.exclusions.setdefault(reason, set()).update(int(i) for i in indices)
+    def record_exclusion(self, node: Node, env: dict, reason: str, indices, detail: str | None = None,
+                         values: dict | None = None) -> None:
+        """Keep what an op said about records it dropped (``ctx.exclude``), for the funnel and ``why``."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        clean = {}
+        for name, column in (values or {}).items():
+            column = np.asarray(column)
+            if column.shape[:1] != indices.shape:
+                raise OpError(node, f"exclude(): value {name!r} has {column.shape[:1]} rows for {len(indices)} records")
+            if column.dtype == object:
+                column = column.astype(str)
+            clean[name] = column
+        self.exclusions.setdefault(self.bound_key(node.id, env), []).append(
+            Exclusion(reason, detail, indices, clean))
+
+    def exclusions_of(self, node_id: str, env: dict) -> list[Exclusion]:
+        """What the op of ``node_id`` said about the records it dropped, under ``env``."""
+        return self.exclusions.get(self.bound_key(node_id, env), [])
+
+    def bound_key(self, node_id: str, env: dict) -> tuple:
+        """The memo key of a node under variable bindings: its id and the identities of its bound variables."""
+        node = self.plan.nodes[node_id]
+        return node_id, tuple(sorted((v, env[v].key) for v in node.free_vars if v in env))
 
     def _corrupt(self, key: str, reason: str) -> None:
         self.warn(f"cache entry {key[:16]} failed verification ({reason}); recomputing it")
@@ -232,7 +353,15 @@ class Engine:
                     ds = self.datasets[inp_node.params["name"]]
                     parts.append((role, "content", _selection(np.arange(len(ds)), ds).content_key))
                     continue
-                parts.append((role, self.key(inp, env)))
+                part = (role, self.key(inp, env))
+                if node.role != "map" and inp_node.role == "map" and "data" in inp_node.roles:
+                    # A map key leaves out the mapped dataset (per-record results are shared), so a
+                    # consumer of per-record values of another dataset (similarity's target=embed(minilm,
+                    # data=val)) adds that dataset's fingerprint: another --val is another result.
+                    data_node = self.plan.nodes[inp_node.inputs[inp_node.roles.index("data")]]
+                    if data_node.op == "dataset" and data_node.params["name"] != "pool":
+                        part = part + (self.key(data_node.id, env),)
+                parts.append(part)
             body_key = None
             if node.body is not None:
                 inner = {k: v for k, v in env.items() if k != node.var}
@@ -252,8 +381,7 @@ class Engine:
     # ----------------------------------------------------------- evaluation
     def value(self, node_id: str, env: dict) -> Any:
         node = self.plan.nodes[node_id]
-        bound = tuple(sorted((v, env[v].key) for v in node.free_vars if v in env))
-        memo_key = (node_id, bound)
+        memo_key = self.bound_key(node_id, env)
         if memo_key in self._memo:
             return self._memo[memo_key]
         self.stats[node_id].needed = True
@@ -288,8 +416,6 @@ class Engine:
 
     # ---------------------------------------------------- set-level results
     def _cacheable(self, node: Node) -> bool:
-        if self.probe:
-            return True
         if not node.free_vars:
             return True
         return bool(node.spec is not None and node.spec.costly)
@@ -303,15 +429,18 @@ class Engine:
         stats.applications += 1
         cacheable = self._cacheable(node)
         if cacheable:
-            cached = self._load_set(node, key)
+            cached = self._load_set(node, key, env)
             if cached is not None:
                 stats.from_cache += 1
                 return cached
         if self.probe:
-            raise NotCached(node.id)
+            # A dry run computes cheap selections from cached values, never costly ones, and writes nothing.
+            if node.spec is not None and node.spec.costly:
+                raise NotCached(node.id)
+            return self._compute_set(node, env, key)
         if node.spec is not None and node.spec.costly:
             with self.cache.lock(key):
-                cached = self._load_set(node, key)
+                cached = self._load_set(node, key, env)
                 if cached is not None:
                     stats.from_cache += 1
                     return cached
@@ -319,10 +448,11 @@ class Engine:
         else:
             result = self._compute_set(node, env, key)
         if cacheable:
-            self._store_set(node, key, result)
+            self._store_set(node, key, result, self.exclusions_of(node.id, env))
         return result
 
-    def _load_set(self, node: Node, key: str):
+    def _load_set(self, node: Node, key: str, env: dict | None = None):
+        """A cached selection or partition, with the exclusions stored beside it (restored into ``env``'s memo)."""
         entry = self.cache.get(key)
         if entry is None:
             return None
@@ -333,20 +463,49 @@ class Engine:
             return Grouping(subset, np.asarray(entry.arrays["labels"], dtype=np.int64), key)
         if "indices" not in entry.arrays:
             return None
+        if env is not None:
+            restored = []
+            for i, desc in enumerate(entry.info.get("exclusions", [])):
+                prefix = f"x{i}_"
+                if prefix + "indices" not in entry.arrays:
+                    return None
+                values = {name: np.asarray(entry.arrays[prefix + "v_" + name]) for name in desc.get("values", [])}
+                restored.append(Exclusion(desc["reason"], desc.get("detail"),
+                                          np.asarray(entry.arrays[prefix + "indices"], dtype=np.int64), values))
+            self.exclusions[self.bound_key(node.id, env)] = restored
         return _selection(np.asarray(entry.arrays["indices"], dtype=np.int64), self.pool)
 
-    def _store_set(self, node: Node, key: str, result) -> None:
+    def entry_info(self, node: Node) -> dict:
+        """What a cache entry was computed for (shown by ``datasel cache ls``)."""
         info = {"op": node.op, "node": node.id, "label": node.label()}
+        if self.recipe:
+            info["recipe"] = self.recipe
+        if "pool" in self.datasets:
+            info["pool_fingerprint"] = self.pool.fingerprint
+            info["pool_path"] = str(self.pool.path)
+        return info
+
+    def _store_set(self, node: Node, key: str, result, exclusions: list[Exclusion] = ()) -> None:
+        info = self.entry_info(node)
         if isinstance(result, Grouping):
             self.cache.put(key, {"subset": result.subset, "labels": result.labels}, info)
-        else:
-            self.cache.put(key, {"indices": result.indices}, info)
+            return
+        arrays = {"indices": result.indices}
+        described = []
+        for i, ex in enumerate(exclusions):
+            arrays[f"x{i}_indices"] = ex.indices
+            for name, column in ex.values.items():
+                arrays[f"x{i}_v_{name}"] = column
+            described.append({"reason": ex.reason, "detail": ex.detail, "values": sorted(ex.values)})
+        if described:
+            info["exclusions"] = described
+        self.cache.put(key, arrays, info)
 
     def _compute_set(self, node: Node, env: dict, key: str):
         op = node.op
         if op in ("union", "intersect", "difference"):
-            left = self.selection(node.inputs[0], env)
-            right = self.selection(node.inputs[1], env)
+            left = self.selection(node.inputs[node.roles.index("left")], env)
+            right = self.selection(node.inputs[node.roles.index("right")], env)
             with self._timed(node):
                 return _selection(_combine(op, left.indices, right.indices), self.pool)
         if op == "restrict":
@@ -366,7 +525,7 @@ class Engine:
         args = self._arguments(node, env)
         args.update(self._group_budgets(node, env))
         ctx = RunContext(self, node, env, self.pool)
-        with self._timed(node):
+        with self._timed(node), self._announced(node, f"on {len(subset):,} records"):
             try:
                 result = node.spec.fn(ctx, subset, **args)
             except (OpError, KeyboardInterrupt, NotCached):
@@ -385,7 +544,15 @@ class Engine:
 
     def _compare(self, node: Node, env: dict, subset: np.ndarray) -> Selection:
         scores = self.value(node.inputs[node.roles.index("scores")], env)
+        if compares_text(node):
+            present, match = self.text_matches(node, scores, subset)
+            return _selection(subset[present & match], self.pool)
         values = np.asarray(scores.values(subset), dtype=np.float64)
+        if node.params["op"] in ("in", "not in"):
+            nan = np.isnan(values)
+            member = np.isin(values, np.asarray(node.values["rhs"], dtype=np.float64))
+            keep = member if node.params["op"] == "in" else ~member
+            return _selection(subset[keep & ~nan], self.pool)
         if "rhs" in node.roles:
             rhs_value = self.value(node.inputs[node.roles.index("rhs")], env)
             rhs = rhs_value.values(subset) if isinstance(rhs_value, Values) else float(rhs_value)
@@ -395,21 +562,36 @@ class Engine:
             nan = np.isnan(values) | (np.isnan(rhs) if isinstance(rhs, np.ndarray) else math.isnan(rhs))
             with np.errstate(invalid="ignore"):
                 mask = _COMPARE[node.params["op"]](values, rhs) & ~nan
-            if nan.any():
-                self.exclude(f"no score ({scores.label}) in comparison", subset[nan])
         return _selection(subset[mask], self.pool)
 
-    def _per_group(self, node: Node, env: dict) -> Selection:
-        grouping = self.value(node.inputs[0], env)
-        picks = []
+    def text_matches(self, node: Node, scores: Values, subset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For a comparison with strings: (record has a value, the comparison holds) per row of ``subset``."""
+        hashes = np.asarray(scores.column("text_hash", subset))
+        present = hashes != NO_TEXT
+        rhs = node.values["rhs"]
+        wanted = np.frombuffer(b"".join(text_hash(v) for v in (rhs if isinstance(rhs, list) else [rhs])),
+                               dtype="S16")
+        hit = np.isin(hashes, wanted)
+        return present, (~hit if node.params["op"] in ("!=", "not in") else hit)
+
+    def group_bindings(self, node: Node, env: dict):
+        """``(group label, members, env with the group variable bound)`` for every group of a per_group node."""
+        grouping = self.value(node.inputs[node.roles.index("partition")], env)
         groups = list(grouping.groups())
         sizes = tuple(len(members) for _, members in groups)
-        with self.progress.bar(len(groups), f"{node.label()} groups") as bar:
-            for position, (_, members) in enumerate(groups):
-                inner = dict(env)
-                group = _selection(members, self.pool)
-                self._groups[group.key] = (sizes, position)
-                inner[node.var] = group
+        for position, (label, members) in enumerate(groups):
+            inner = dict(env)
+            group = _selection(members, self.pool)
+            # Percentage budgets inside the body are shared out over all groups (largest remainder).
+            self._groups[group.key] = (sizes, position)
+            inner[node.var] = group
+            yield label, members, inner
+
+    def _per_group(self, node: Node, env: dict) -> Selection:
+        picks = []
+        grouping = self.value(node.inputs[node.roles.index("partition")], env)
+        with self.progress.bar(len(np.unique(grouping.labels)), f"{node.label()} groups") as bar:
+            for _, _, inner in self.group_bindings(node, env):
                 picks.append(self.selection(node.body, inner).indices)
                 bar.update(1)
         indices = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
@@ -421,7 +603,7 @@ class Engine:
         rounds = int(args["rounds"])
         for r in range(1, rounds + 1):
             round_key = digest("round", key, r)
-            cached = self._load_set(node, round_key)
+            cached = self._load_set(node, round_key, None)
             if cached is not None:
                 current = cached
                 self.log(f"{node.label()}: round {r}/{rounds} cached ({len(current)} records)")
@@ -430,6 +612,8 @@ class Engine:
             inner[node.var] = current
             started = time.perf_counter()
             current = self.selection(node.body, inner)
+            if self.probe:
+                continue
             self._store_set(node, round_key, current)
             self.log(f"{node.label()}: round {r}/{rounds} done in {time.perf_counter() - started:.1f}s "
                      f"({len(current)} records)")
@@ -480,13 +664,24 @@ class Engine:
         ctx = RunContext(self, node, env, self.pool)
         stats = self.stats[node.id]
         stats.applications += 1
-        with self._timed(node):
+        if self.probe and node.spec.costly:
+            # A dry run uses a costly value (a fine-tuned model) only when it is already complete.
+            work = node.spec.cost(ctx, None, **args) if node.spec.cost is not None else None
+            if work is None or work.steps or work.tokens or work.backward_tokens:
+                raise NotCached(node.id)
+        with self._timed(node), self._announced(node, ""):
             try:
                 return node.spec.fn(ctx, **args)
             except (OpError, KeyboardInterrupt, NotCached):
                 raise
             except Exception as exc:
                 raise self._op_error(node, exc) from exc
+
+    def arguments(self, node: Node, env: dict) -> dict:
+        """The arguments an op implementation receives under ``env`` (group budgets included)."""
+        args = self._arguments(node, env)
+        args.update(self._group_budgets(node, env))
+        return args
 
     def _arguments(self, node: Node, env: dict) -> dict:
         spec = node.spec
@@ -546,18 +741,29 @@ class Engine:
         return store.read(column, where)
 
     def _fill_rows(self, handle: Values, store, rows: np.ndarray) -> None:
+        """Compute the missing ``rows`` of a map node in chunks, persisting each chunk as it finishes.
+
+        A chunk ends at ``chunk_rows`` records or after about ``persist_seconds`` of work,
+        whichever comes first (the chunk size follows the measured rate, starting small), so
+        an interrupt or a kill loses at most about that much work on any pool.  Rows go in
+        order of record size, so that each chunk's batches pad little.
+        """
         node = handle.node
         spec = node.spec
         stats = self.stats[node.id]
         args = self._arguments(node, handle.env)
         ctx = RunContext(self, node, handle.env, handle.dataset)
-        chunk = max(1, spec.chunk_rows)
-        info = {"op": node.op, "node": node.id, "label": node.label(), "version": spec.version}
+        limit = max(1, spec.chunk_rows)
+        size = min(limit, FIRST_CHUNK_ROWS)
+        rows = rows[np.argsort(handle.dataset.sizes[rows], kind="stable")]
+        info = dict(self.entry_info(node), version=spec.version)
         with self.progress.bar(len(rows), node.names[0] if node.names else node.label()) as bar:
             ctx._bar = bar
-            for start in range(0, len(rows), chunk):
-                part = rows[start : start + chunk]
+            start = 0
+            while start < len(rows):
+                part = rows[start : start + size]
                 ctx._advanced = 0
+                began = time.perf_counter()
                 with self._timed(node):
                     try:
                         out = spec.fn(ctx, part, **args)
@@ -565,6 +771,7 @@ class Engine:
                         raise
                     except Exception as exc:
                         raise self._op_error(node, exc) from exc
+                took = time.perf_counter() - began
                 columns = out if isinstance(out, dict) else {"value": out}
                 for name, array in columns.items():
                     array = np.asarray(array)
@@ -575,6 +782,11 @@ class Engine:
                 store.append(handle.dataset.hashes[part], columns, info)
                 stats.rows_computed += len(part)
                 bar.update(max(0, len(part) - ctx._advanced))
+                start += len(part)
+                if took > 0:
+                    size = int(min(limit, max(1, len(part) * self.persist_seconds / took)))
+                else:
+                    size = limit
 
     def _scores_rows(self, handle: Values, idx: np.ndarray) -> np.ndarray:
         node = handle.node
@@ -599,7 +811,60 @@ class Engine:
             raise self._op_error(node, exc) from exc
         return np.asarray(result)
 
+    # ------------------------------------------------------- missing values
+    def why_missing(self, handle: Values, rows, _top: str | None = None) -> list[str]:
+        """Why ``handle`` has no value (NaN) at ``rows``: the first operator upstream that produced none."""
+        top = handle.label if _top is None else _top
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return []
+        node = handle.node
+        out: list[str | None] = [None] * len(rows)
+        if node.role != "map":
+            # A transform is NaN where an input is: blame the first input with no value.
+            todo = np.ones(len(rows), dtype=bool)
+            for inp in node.inputs:
+                value = self.value(inp, handle.env)
+                if not isinstance(value, Values) or value.node.kind is not Kind.SCORES:
+                    continue
+                nan = todo & np.isnan(np.asarray(value.values(rows), dtype=np.float64).reshape(len(rows), -1)).any(axis=1)
+                if nan.any():
+                    for pos, text in zip(np.flatnonzero(nan), self.why_missing(value, rows[nan], top)):
+                        out[pos] = text
+                    todo &= ~nan
+            own = np.flatnonzero(todo)
+            if len(own):
+                texts = None
+                if node.spec is not None and node.spec.why_missing is not None:
+                    ctx = RunContext(self, node, handle.env, handle.dataset)
+                    texts = node.spec.why_missing(ctx, rows[own], **self._arguments(node, handle.env))
+                for pos, text in zip(own, texts or [f"{handle.label} is undefined for this record"] * len(own)):
+                    out[pos] = text
+            return [str(t) for t in out]
+        spec = node.spec
+        texts = None
+        if spec.why_missing is not None:
+            columns = {c: self._compute_rows(handle, c, rows) for c in spec.columns}
+            ctx = RunContext(self, node, handle.env, handle.dataset)
+            texts = spec.why_missing(ctx, rows, columns, **self._arguments(node, handle.env))
+        if texts is None:
+            texts = ["no value for this record"] * len(rows)
+        where = "" if handle.label == top else f" (in {handle.label})"
+        return [f"{t}{where}" for t in texts]
+
     # ------------------------------------------------------------ helpers
+    @contextmanager
+    def _announced(self, node: Node, what: str):
+        """A line when a costly set-level or value op starts and when it ends (none for cheap ones)."""
+        if node.spec is None or not node.spec.costly or node.free_vars:
+            yield
+            return
+        label = node.names[0] if node.names else node.label()
+        self.progress.line(f"{label}: running{' ' + what if what else ''}")
+        started = time.monotonic()
+        yield
+        self.progress.line(f"{label}: done in {_duration(time.monotonic() - started)}")
+
     @contextmanager
     def _timed(self, node: Node):
         started = time.perf_counter()
@@ -621,6 +886,12 @@ class Engine:
 
     def node_stats(self) -> list[dict]:
         return [self.stats[n.id].to_json(n) for n in self.plan.reachable()]
+
+
+def compares_text(node: Node) -> bool:
+    """Whether a compare node tests text (a string, or a list holding one) rather than numbers."""
+    rhs = node.values.get("rhs")
+    return isinstance(rhs, str) or (isinstance(rhs, list) and any(isinstance(v, str) for v in rhs))
 
 
 def largest_remainder(fraction, sizes) -> list[int]:
@@ -697,9 +968,12 @@ class RunContext:
         ds = data or self._dataset
         return [ds.raw[int(i)] for i in idx]
 
-    def exclude(self, reason: str, indices) -> None:
+    def exclude(self, reason: str, indices, *, detail: str | None = None, **values) -> None:
         if len(indices):
-            self._engine.exclude(reason, indices)
+            self._engine.record_exclusion(self._node, self._env, reason, indices, detail, values)
+
+    def why_missing(self, scores, idx) -> list[str]:
+        return self._engine.why_missing(scores, idx)
 
     def advance(self, rows: int) -> None:
         self._advanced += rows
@@ -708,8 +982,11 @@ class RunContext:
     def progress(self, total: int, desc: str):
         return self._engine.progress.bar(total, desc)
 
-    def work_dir(self) -> Path:
-        return self._engine.cache.work_dir(self._engine.key(self._node.id, self._env))
+    def work_dir(self, create: bool = True) -> Path | None:
+        key = self._engine.key(self._node.id, self._env)
+        if not create:
+            return self._engine.cache.find_work_dir(key)
+        return self._engine.cache.work_dir(key)
 
     def log(self, message: str) -> None:
         self._engine.log(f"{self._node.label()}: {message}")

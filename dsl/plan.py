@@ -327,15 +327,22 @@ class Planner:
                 op = {"&": "intersect", "+": "union", "-": "difference"}[e.op]
                 left = self.apply(e.left, input_set, scope)
                 right = self.apply(e.right, input_set, scope)
-                return self.add(op, Kind.SELECTOR, {}, [("left", left), ("right", right)], span=e.span)
+                # The input is an explicit edge so that the funnel can tell what reached the combination.
+                return self.add(op, Kind.SELECTOR, {}, [("input", input_set), ("left", left), ("right", right)],
+                                span=e.span)
             if e.op in ast.COMPARISONS:
                 return self.compare(e, input_set, scope)
+        if isinstance(e, ast.Not):
+            # not x = what reaches it minus what x keeps of it
+            right = self.apply(e.operand, input_set, scope)
+            return self.add("difference", Kind.SELECTOR, {}, [("input", input_set), ("left", input_set),
+                                                              ("right", right)], span=e.span)
         raise AssertionError(f"cannot apply {type(e).__name__} to a set")
 
     def compare(self, e: ast.BinOp, input_set: str, scope: dict[str, str]) -> str:
         op = e.op
         left_kind, right_kind = self.kind(e.left), self.kind(e.right)
-        if left_kind is not Kind.SCORES and right_kind is Kind.SCORES:
+        if op not in ("in", "not in") and left_kind is not Kind.SCORES and right_kind is Kind.SCORES:
             # Keep the score on the left: 1 > ifd is ifd < 1.
             flipped = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}[op]
             return self._compare(flipped, e.right, e.left, e, input_set, scope)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -13,10 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from datasel.dsl.accounting import Accounting, account
 from datasel.dsl.cache import Cache
 from datasel.dsl.compiler import Compiled, compile_recipe, recipe_source
-from datasel.dsl.data import Dataset, load_dataset, write_selection
-from datasel.dsl.engine import Engine, NotCached, Values
+from datasel.dsl.data import DataError, Dataset, load_dataset, output_container, write_selection
+from datasel.dsl.data import default_output as default_output_path
+from datasel.dsl.engine import PERSIST_SECONDS, Engine, Values
+from datasel.dsl.estimate import estimate
 from datasel.dsl.explain import to_json
 from datasel.dsl.plan import Plan
 from datasel.ops.context import Grouping
@@ -39,39 +43,13 @@ def fingerprints(datasets: dict[str, Dataset]) -> dict[str, str]:
 
 
 def cache_state(plan: Plan, datasets: dict[str, Dataset], cache: Cache) -> dict[str, dict]:
-    """For each node of the plan: ``hit`` / ``partial`` (with a fraction) / ``miss`` for this pool.
+    """For each node of the plan: ``hit`` / ``partial`` (with a fraction) / ``miss`` for this pool, and the
+    work a run would still do (see :mod:`datasel.dsl.estimate`).
 
-    Keys are computed without running anything; a node whose key needs a
-    value that is not cached (a model trained on a selection not computed yet)
-    is reported as ``miss``.
+    Nothing runs and nothing is written; cheap selections are computed from
+    cached values so that the states agree with what a run will do.
     """
-    engine = Engine(plan, datasets, cache, quiet=True, probe=True)
-    states: dict[str, dict] = {}
-    for node in plan.reachable():
-        if node.free_vars or node.op in ("dataset", "const", "var"):
-            continue
-        try:
-            if node.role == "map":
-                if node.inputs[node.roles.index("data")] and "data" in node.roles:
-                    data_node = plan.nodes[node.inputs[node.roles.index("data")]]
-                    dataset = datasets.get(data_node.params["name"])
-                else:
-                    dataset = datasets.get("pool")
-                if dataset is None:
-                    continue
-                key = engine.key(node.id, {})
-                found = cache.map_store(key).count(np.unique(dataset.hashes))
-                total = len(np.unique(dataset.hashes))
-                state = "hit" if found == total else ("miss" if found == 0 else "partial")
-                states[node.id] = {"state": state, "fraction": found / total if total else 1.0}
-            elif node.role in ("selector", "partition", "combine", "per_group"):
-                key = engine.key(node.id, {})
-                states[node.id] = {"state": "hit" if cache.has(key) else "miss"}
-        except NotCached:
-            states[node.id] = {"state": "miss", "note": "depends on results not computed yet"}
-        except Exception as exc:  # a model that cannot be fingerprinted, say
-            states[node.id] = {"state": "miss", "note": str(exc).splitlines()[0][:80]}
-    return states
+    return estimate(plan, datasets, cache).states()
 
 
 @dataclass
@@ -82,6 +60,7 @@ class RunResult:
     manifest: dict
     output: Path | None
     engine: Engine = field(repr=False)
+    accounting: Accounting | None = field(default=None, repr=False)
 
 
 def _versions() -> dict:
@@ -97,24 +76,38 @@ def _versions() -> dict:
 def run(recipe: str | Path, pool: str | Path, *, val: str | Path | None = None, output: str | Path | None = None,
         sets: list[str] | dict | None = None, cache_dir: str | Path | None = None, on_bad_record: str = "fail",
         pool_format: str | None = None, val_format: str | None = None, quiet: bool = False,
-        recipe_text: str | None = None, log=None) -> RunResult:
+        recipe_text: str | None = None, log=None, persist_seconds: float = PERSIST_SECONDS,
+        cache_write: str | Path | None = None, default_output: bool = False) -> RunResult:
     """Compile ``recipe``, run it on ``pool`` and write the selection and its manifest.
 
-    The manifest (``OUTPUT.manifest.json``) holds the recipe text and hash, the
-    plan, the selected pool indices in selection order, exclusions by reason,
-    and per node: status (computed / cached / partial), seconds and rows.
+    The selection goes to ``output`` in the format its extension names
+    (``.jsonl``, ``.json``, ``.parquet``; the pool's own without one); with no
+    ``output`` nothing is written, unless ``default_output`` asks for
+    ``<pool stem>.selected.<ext>`` next to the pool.  The manifest
+    (``OUTPUT.manifest.json``) holds the recipe text and hash, the plan, the
+    selected pool indices in selection order, the funnel and every pool
+    record's fate, and per node: status (computed / cached / partial), seconds
+    and rows.
     """
     started = time.perf_counter()
     source = recipe_source(recipe_text if recipe_text is not None else recipe,
                            name=str(recipe) if recipe_text is not None else None)
     datasets = load_inputs(pool, val, pool_format=pool_format, val_format=val_format, on_bad_record=on_bad_record)
+    if output is None and default_output:
+        output = default_output_path(pool, datasets["pool"].container)
+    if output is not None:
+        check_output(datasets["pool"], output)  # before any work, not after it
     compiled = compile_recipe(source, sets, fingerprints(datasets))
-    cache = Cache(cache_dir)
-    engine = Engine(compiled.plan, datasets, cache, quiet=quiet, log=log)
+    cache = Cache(cache_dir, write_root=cache_write)
+    engine = Engine(compiled.plan, datasets, cache, quiet=quiet, log=log, recipe=source.name,
+                    persist_seconds=persist_seconds)
     selection = engine.run()
     pool_ds = datasets["pool"]
     positions = pool_ds.positions[selection.indices]
-    manifest = _manifest(compiled, datasets, engine, selection.indices, positions, time.perf_counter() - started)
+    node_stats = engine.node_stats()  # before the accounting re-reads cached results
+    accounting = account(engine, selection.indices)
+    manifest = _manifest(compiled, datasets, engine, selection.indices, positions, time.perf_counter() - started,
+                         node_stats, accounting)
     out_path = None
     if output is not None:
         out_path = write_selection(pool_ds, selection.indices, output)
@@ -124,7 +117,20 @@ def run(recipe: str | Path, pool: str | Path, *, val: str | Path | None = None, 
         tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         tmp.replace(manifest_path)
         manifest["manifest_path"] = str(manifest_path)
-    return RunResult(positions, manifest, out_path, engine)
+    return RunResult(positions, manifest, out_path, engine, accounting)
+
+
+def check_output(pool: Dataset, output: str | Path) -> None:
+    """Fail now, not after the run, when ``output`` has an unknown extension or its folder cannot be written."""
+    output_container(pool, output)
+    folder = Path(output).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".datasel-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise DataError(f"{output}: cannot write the selection there ({exc.strerror or exc}); choose another -o") from None
 
 
 def manifest_path_for(output: str | Path) -> Path:
@@ -133,14 +139,16 @@ def manifest_path_for(output: str | Path) -> Path:
 
 
 def _manifest(compiled: Compiled, datasets: dict[str, Dataset], engine: Engine, indices: np.ndarray,
-              positions: np.ndarray, seconds: float) -> dict:
+              positions: np.ndarray, seconds: float, node_stats: list[dict], accounting: Accounting) -> dict:
     pool = datasets["pool"]
     exclusions: dict[str, Any] = {}
     for name, ds in datasets.items():
         for reason, count in sorted(ds.excluded.items()):
             exclusions[f"{name}: bad record: {reason}"] = count
-    for reason, rows in sorted(engine.exclusions.items()):
-        exclusions[reason] = len(rows)
+    accounts = accounting.to_json()
+    for stage in accounts["funnel"][1:]:
+        for reason, count in stage["dropped"].items():
+            exclusions[f"stage {stage['stage']} ({stage['label']}): {reason}"] = count
     text = compiled.source.text
     return {
         "datasel_manifest": 1,
@@ -155,10 +163,12 @@ def _manifest(compiled: Compiled, datasets: dict[str, Dataset], engine: Engine, 
         "selected": [int(p) for p in positions],
         "order": "selection",
         "exclusions": exclusions,
+        "funnel": accounts["funnel"],
+        "records": accounts["records"],
         "bad_records": [dict(d, dataset=name) for name, ds in datasets.items() for d in ds.excluded_details],
         "warnings": engine.warnings,
         "plan": to_json(compiled.plan),
-        "nodes": engine.node_stats(),
+        "nodes": node_stats,
         "seconds": round(seconds, 3),
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -175,7 +185,8 @@ class EvalResult:
 
 def evaluate(expression: str, pool: str | Path, *, recipe: str | Path | None = None, val: str | Path | None = None,
              sets=None, cache_dir=None, on_bad_record: str = "fail", pool_format: str | None = None,
-             quiet: bool = False, log=None) -> EvalResult:
+             quiet: bool = False, log=None, persist_seconds: float = PERSIST_SECONDS,
+             cache_write: str | Path | None = None) -> EvalResult:
     """Evaluate a Scores, Features or Partition expression for every pool record.
 
     Names resolve in the prelude and, with ``recipe``, the recipe's bindings.
@@ -187,7 +198,8 @@ def evaluate(expression: str, pool: str | Path, *, recipe: str | Path | None = N
     kind = compiled.checked.type_of(compiled.checked.select).kind
     if kind not in (Kind.SCORES, Kind.FEATURES, Kind.PARTITION, Kind.SELECTOR, Kind.LABELS):
         raise ValueError(f"eval needs a Scores, Features, Partition or Selector expression; '{expression}' is {kind}")
-    engine = Engine(plan, datasets, Cache(cache_dir), quiet=quiet, log=log)
+    engine = Engine(plan, datasets, Cache(cache_dir, write_root=cache_write), quiet=quiet, log=log, persist_seconds=persist_seconds,
+                    recipe=source.name)
     pool_ds = datasets["pool"]
     everything = np.arange(len(pool_ds))
     if kind is Kind.PARTITION:

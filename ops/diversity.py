@@ -19,14 +19,27 @@ TEXT_KINDS = tuple(T.TEXT_KINDS)
 
 
 # ------------------------------------------------------------------ embed
+def _embed_cost(ctx, idx, encoder, text="instruction_input", normalize=True, max_length=None, batch=None):
+    from datasel.ops.algos.throughput import encoder_rates
+    from datasel.ops.context import Work
+
+    rates = encoder_rates(encoder.key, encoder.load, encoder.device)
+    words = sum(len(T.text_for(text, r).split()) for r in ctx.records(idx))
+    # The rate was measured on texts of ~40 words; cost grows about linearly with length.
+    seconds = len(idx) / rates["texts"] * max(0.25, words / max(1, len(idx)) / rates["words_per_text"])
+    return Work(records=len(idx), seconds=seconds)
+
+
 @op("embed", [Param("encoder", Kind.MODEL, Ref("minilm"), doc="a sentence encoder (default: the prelude's minilm)"),
               Param("text", Kind.STRING, "instruction_input", doc="what to embed", choices=TEXT_KINDS),
               Param("normalize", Kind.BOOL, True, doc="L2-normalise the vectors"),
               Param("max_length", Kind.NUMBER, None, doc="token limit (default: the encoder's own, 256 for MiniLM)"),
               Param("batch", Kind.NUMBER, None,
                     doc="encoder batch size; default 16 on CPU (less padding beats bigger batches there: "
-                        "1.25x over 64 on MiniLM), 128 on CUDA")],
-    Kind.FEATURES, role="map", version="2", chunk_rows=8192)
+                        "MiniLM on 2,000 Dolly texts takes 22.4 s at 16 vs 25.8 s at 64, 1.15x; "
+                        "`python benchmarks/run.py embed`), 128 on CUDA")],
+    Kind.FEATURES, role="map", version="2", chunk_rows=8192,
+    key_fn=lambda text, **_: "text:" + T.text_digest(text), cost=_embed_cost)
 def embed(ctx, idx, encoder, text="instruction_input", normalize=True, max_length=None, batch=None):
     """Sentence embeddings of each record, cached per record.
 
@@ -34,7 +47,9 @@ def embed(ctx, idx, encoder, text="instruction_input", normalize=True, max_lengt
     (default), ``response``, ``whole`` (Superfiltering-D's instruction, input
     and output), ``small2large`` (Small2Large's clustering text),
     ``alpaca_prompt``, ``alpaca_full``, ``nuggets_full``.  Batches are sorted by
-    length (sentence-transformers' ``encode``).
+    length (sentence-transformers' ``encode``).  A digest of the rendering
+    (``templates.text_digest``) is part of the cache key, so editing a text
+    kind recomputes the vectors made with it.
     """
     import torch
 
@@ -69,7 +84,8 @@ def _quality(ctx, quality, rows: np.ndarray, what: str) -> tuple[np.ndarray, np.
     q = np.asarray(quality.values(rows), dtype=np.float64)
     nan = np.isnan(q)
     if nan.any():
-        ctx.exclude(f"no quality score ({quality.label}) in {what}", rows[nan])
+        ctx.exclude("no quality score", rows[nan], detail=f"no {quality.label} score for {what}'s quality term: "
+                    "{missing}", missing=np.asarray(ctx.why_missing(quality, rows[nan]), dtype=str))
     return rows[~nan], q[~nan]
 
 
@@ -193,7 +209,7 @@ def _with_given(subset: np.ndarray, given) -> tuple[np.ndarray, np.ndarray]:
                        doc="with quality: mean = (1−α)·mean coverage + α·mean quality of the picks, two "
                            "averages on one [0, 1] scale; sum = (1−α)·FL + α·Σq, the raw sums",
                        choices=("mean", "sum"))],
-    Kind.SELECTOR, role="selector", version="2", costly=True)
+    Kind.SELECTOR, role="selector", version="3", costly=True)
 def facility(ctx, subset, features, k, kernel="cosine", quality=None, alpha=0.0, knn=None, optimizer="lazy",
              epsilon=0.01, gamma=None, given=None, seed=0, coverage="mean"):
     """Facility location: pick records so that every record has a similar pick (greedy, in pick order).
@@ -245,16 +261,37 @@ def facility(ctx, subset, features, k, kernel="cosine", quality=None, alpha=0.0,
                        doc="sum = σi+σj (the selection code); row = σi (the metric); product = σi·σj",
                        choices=("sum", "row", "product")),
                  Param("quality", Kind.SCORES, None, doc="multiply each candidate's value by a quality score"),
-                 Param("seed", Kind.NUMBER, 42, doc="draws the first pick")],
-    Kind.SELECTOR, role="selector", version="1", costly=True)
-def novelsum(ctx, subset, features, k, alpha=1.0, beta=0.5, knn=10, density="sum", quality=None, seed=42):
+                 Param("seed", Kind.NUMBER, 42, doc="draws the first pick"),
+                 Param("density_index", Kind.STRING, "unique",
+                       doc="unique = the density neighbours are the distinct vectors, exact duplicates never count "
+                           "(the authors' code); all = every record, a duplicate counts at distance 0",
+                       choices=("unique", "all"))],
+    Kind.SELECTOR, role="selector", version="2", costly=True)
+def novelsum(ctx, subset, features, k, alpha=1.0, beta=0.5, knn=10, density="sum", quality=None, seed=42,
+             density_index="unique"):
     """NovelSelect: greedily add the record with the largest density-weighted, proximity-weighted novelty.
 
-    Published defaults (k neighbours 10, β 0.5, α 1, seed 42, first pick at
-    random).  The density σ comes from the raw vectors' k nearest neighbours
-    among the records that reach it; distances are cosine distances.  The
-    NovelSum metric scales by σ_i while the published selection code uses
-    σ_i + σ_j: ``density`` chooses.  Exact incremental algorithm.
+    Yang et al., ACL 2025 (code: UmeanNever/NovelSum).  Published defaults
+    (k neighbours 10, β 0.5, α 1, seed 42, first pick at random).  The
+    density σ = 1 / (mean squared L2 distance to the knn nearest + 1e-9)^β
+    comes from the raw vectors of the records that reach it; distances are
+    cosine distances.  The NovelSum metric scales by σ_i while the published
+    selection code uses σ_i + σ_j: ``density`` chooses.  Exact incremental
+    algorithm.
+
+    Exact duplicates: by default (``density_index="unique"``) the density is
+    computed as in the authors' code (``utils.py``, ``FaissIndex``): the
+    index holds the distinct vectors (``np.unique``), each record searches
+    knn + 1 of them and drops the first hit, which is its own vector at
+    distance 0 — so its exact twins are dropped with it and σ averages the
+    knn nearest *other distinct* vectors; twins get the same σ as a single
+    copy.  ``density_index="all"`` (version 1's behaviour) indexes every
+    record and drops only the record itself, so a twin counts as a neighbour
+    at distance 0 and inflates the σ of duplicated records (NovelSelect
+    then tends to pick them early: on the first 400 records of a sorted
+    databricks-dolly-15k pool with ``embed(minilm)``, k 10, "all" picks one
+    of six copies of a prompt third, the default picks no copy).  knn is
+    capped at the number of distinct vectors (records with "all") minus one.
     """
     from datasel.ops.algos.novelsum import novelselect
 
@@ -266,9 +303,13 @@ def novelsum(ctx, subset, features, k, alpha=1.0, beta=0.5, knn=10, density="sum
     if n <= 0:
         return subset[:0]
     X = _features(features, rows, "novelsum")
-    # Densities come from the records that reach the op, so K is capped by how many there are.
-    result = novelselect(X, n, K=min(int(knn), max(1, len(rows) - 1)), beta=float(beta), alpha=float(alpha),
-                         density_combine=density, quality=q, seed=int(seed))
+    # Densities come from the records that reach the op, so K is capped by how many (distinct) there are.
+    indexed = len(rows) if density_index == "all" else len(np.unique(X, axis=0))
+    # One distinct vector: all candidates are the same vector and tie whatever σ is (no kNN search possible).
+    sigma = np.ones(len(rows)) if indexed < 2 and n > 1 else None
+    result = novelselect(X, n, sigma=sigma, K=min(int(knn), max(1, indexed - 1)), beta=float(beta),
+                         alpha=float(alpha), density_combine=density, quality=q, seed=int(seed),
+                         density_index=density_index)
     return rows[result.order]
 
 

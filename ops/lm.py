@@ -5,7 +5,10 @@ Every scoring op runs the one batched sequence scorer
 (:mod:`datasel.ops.algos.seqscore`): context and answer tokenised separately
 (exact answer spans), the answer clipped to ``max_length − len(context)``,
 batches sorted by length, and only answer positions sent through the output
-layer.  The template is part of every cache key (it is a parameter).
+layer.  A template's name (a parameter) and a digest of what it renders
+(:func:`~datasel.ops.algos.templates.template_digest`, folded in by ``key_fn``)
+are part of every cache key, so editing a template's text invalidates exactly
+the results computed with it.
 Records without a scorable answer token get NaN, which selectors leave out and
 count in the manifest.
 """
@@ -17,6 +20,7 @@ import numpy as np
 
 from datasel.ops.algos import templates as T
 from datasel.ops.algos import uncertainty as U
+from datasel.ops.context import Work
 from datasel.ops.registry import Kind, Param, Ref, macro, op
 
 TEMPLATE_NAMES = tuple(T.TEMPLATES)
@@ -32,12 +36,87 @@ def _template_param(default: str = "alpaca") -> Param:
                  choices=TEMPLATE_NAMES)
 
 
+def _template_key(template: str, **_) -> str:
+    """Cache-key part of an op that renders ``template``: a digest of its text, not only its name."""
+    return "template:" + T.template_digest(template)
+
+
+def _text_key(text: str, **_) -> str:
+    """Cache-key part of an op that renders text kind ``text``: a digest of the rendering."""
+    return "text:" + T.text_digest(text)
+
+
 def _lm(model):
     lm, tokenizer = model.load()
     return lm, tokenizer
 
 
+# ------------------------------------------------------------ cost hooks
+def _rates(model) -> dict:
+    """Measured tokens/s of the model's base on this machine (once, then read from the model store)."""
+    from datasel.ops.algos.throughput import lm_rates
+    from datasel.ops.models import base_lm
+
+    base = base_lm(model)
+    return lm_rates(base.key, base.load, base.device)
+
+
+def _token_lengths(tok, texts: list[str], limit: int) -> np.ndarray:
+    if not texts:
+        return np.zeros(0, dtype=np.int64)
+    ids = tok(texts, add_special_tokens=True)["input_ids"]
+    return np.minimum(np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids)), int(limit))
+
+
+def _forward_work(model, lengths: np.ndarray, records: int) -> Work:
+    tokens = int(lengths.sum())
+    return Work(records=records, tokens=tokens, seconds=tokens / _rates(model)["forward"])
+
+
+def _loss_cost(ctx, idx, model, given="prompt", template="alpaca", max_length=512, eos=False, direct_bos="eos",
+               slack=None, target="answer"):
+    _, tok = _lm(model)
+    rendered = [T.render(template, r, tok) for r in ctx.records(idx)]
+    if target == "prompt":
+        texts = [c for c, _ in rendered]
+    elif given == "prompt":
+        texts = [c + a for c, a in rendered]
+    else:
+        texts = [a for _, a in rendered]  # the direct pass: the answer alone
+    return _forward_work(model, _token_lengths(tok, texts, max_length), len(idx))
+
+
+def _hidden_cost(ctx, idx, model, layer=-1, pool="mean", text="alpaca_full_eos", max_length=512, normalize=False):
+    _, tok = _lm(model)
+    texts = [T.text_for(text, r, tok) for r in ctx.records(idx)]
+    return _forward_work(model, _token_lengths(tok, texts, max_length), len(idx))
+
+
+def _generation_cost(ctx, idx, model, template="alpaca", max_new_tokens=64, max_prompt_length=512):
+    _, tok = _lm(model)
+    prompts = [T.render(template, r, tok)[0] for r in ctx.records(idx)]
+    work = _forward_work(model, _token_lengths(tok, prompts, max_prompt_length or 10**9), len(idx))
+    rates = _rates(model)
+    steps = len(idx) * int(max_new_tokens)
+    work.generated_tokens = steps
+    work.seconds += steps / (rates["decode_steps"] * rates["decode_batch"])
+    work.note = f"at most {int(max_new_tokens)} new tokens each"
+    return work
+
+
 # ----------------------------------------------------------------- loss
+def _loss_missing(ctx, idx, columns, model=None, given="prompt", template="alpaca", max_length=512, eos=False,
+                  direct_bos="eos", slack=None, target="answer"):
+    """A loss is NaN only when no token was scored (count 0): say why."""
+    if target == "prompt":
+        return ["the rendered prompt has no tokens to score"] * len(idx)
+    if given != "prompt" and direct_bos == "none":
+        why = (f"no answer token was scored: the prompt fills max_length ({int(max_length)} tokens) or the "
+               "answer is one token, which a direct pass without BOS cannot score")
+        return [why] * len(idx)
+    return [f"the prompt fills max_length ({int(max_length)} tokens), leaving no answer tokens to score"] * len(idx)
+
+
 @op("loss", [_model_param(),
              Param("given", Kind.STRING, "prompt",
                    doc="prompt: the answer given the rendered prompt; none: the answer alone (direct pass); "
@@ -56,7 +135,8 @@ def _lm(model):
              Param("target", Kind.STRING, "answer",
                    doc="answer: score the response; prompt: score the rendered prompt itself with no context "
                        "(CherryLLM's instruction perplexity)", choices=("answer", "prompt"))],
-    Kind.SCORES, role="map", version="1", family="lm", chunk_rows=512, columns=("value", "sum", "count"))
+    Kind.SCORES, role="map", version="1", family="lm", chunk_rows=512, columns=("value", "sum", "count"),
+    why_missing=_loss_missing, cost=_loss_cost, key_fn=_template_key)
 def loss(ctx, idx, model, given="prompt", template="alpaca", max_length=512, eos=False, direct_bos="eos",
          slack=None, target="answer"):
     """Mean answer-token cross-entropy of each record under a language model.
@@ -178,7 +258,7 @@ def lp(run=None, epoch=1, approx=False, epochs=3, template=None, max_length=None
                Param("text", Kind.STRING, "alpaca_full_eos", doc="what to encode", choices=TEXT_KINDS),
                Param("max_length", Kind.NUMBER, 512),
                Param("normalize", Kind.BOOL, False, doc="L2-normalise the vectors")],
-    Kind.FEATURES, role="map", version="1", family="lm", chunk_rows=512)
+    Kind.FEATURES, role="map", version="1", family="lm", chunk_rows=512, key_fn=_text_key, cost=_hidden_cost)
 def hidden(ctx, idx, model, layer=-1, pool="mean", text="alpaca_full_eos", max_length=512, normalize=False):
     """Pooled hidden states of a language model as features (DiverseEvol, CherryLLM's pre-experience).
 
@@ -204,7 +284,7 @@ UNCERTAINTY_KINDS = U.DEFAULT_KINDS  # the four the op stores; sequence_logprob 
                                doc="prompts longer than this keep their last tokens (one very long prompt "
                                    "would otherwise pad its whole batch)")],
     Kind.SCORES, role="map", version="2", family="lm", chunk_rows=512,
-    columns=UNCERTAINTY_KINDS + ("tokens",))
+    columns=UNCERTAINTY_KINDS + ("tokens",), key_fn=_template_key, cost=_generation_cost)
 def generation_stats(ctx, idx, model, template="alpaca", max_new_tokens=64, max_prompt_length=512):
     """Greedy-generate an answer per record and keep four uncertainty measures of it.
 
@@ -245,6 +325,33 @@ def uncertainty(model=None, kind="min_margin", template=None, max_new_tokens=Non
 
 
 # ------------------------------------------------------------ training
+def _training_records(ctx, data) -> list[dict]:
+    if hasattr(data, "records"):  # a whole dataset
+        return list(data.records)
+    return ctx.records(np.asarray(data.indices, dtype=np.int64), ctx.dataset("pool"))
+
+
+def _finetune_cost(ctx, idx, model, data, epochs=1, lr=None, lora=True, lora_r=8, lora_alpha=16, batch=8,
+                   max_length=512, template="alpaca", seed=0, schedule="linear"):
+    from datasel.ops.algos.finetune import CHECKPOINT_META
+
+    records = _training_records(ctx, data)
+    folder = ctx.work_dir(create=False)
+    done = 0
+    if folder is not None:
+        while (folder / f"epoch-{done + 1}" / CHECKPOINT_META).is_file() and done < int(epochs):
+            done += 1
+    left = int(epochs) - done
+    _, tok = _lm(model)
+    rendered = [T.render(template, r, tok) for r in records]
+    tokens = int(_token_lengths(tok, [c + a for c, a in rendered], max_length).sum())
+    work = Work(records=len(records), backward_tokens=left * tokens,
+                steps=left * -(-len(records) // max(1, int(batch))))
+    work.seconds = work.backward_tokens / _rates(model)["train"]
+    work.note = f"{left} of {int(epochs)} epochs to train" + (f" ({done} done)" if done else "")
+    return work
+
+
 @op("finetune", [_model_param("the base model"),
                  Param("data", (Kind.SELECTOR, Kind.DATASET), doc="the records to train on (a selection or a dataset)"),
                  Param("epochs", Kind.NUMBER, 1),
@@ -254,7 +361,7 @@ def uncertainty(model=None, kind="min_margin", template=None, max_new_tokens=Non
                  Param("batch", Kind.NUMBER, 8), Param("max_length", Kind.NUMBER, 512),
                  _template_param(), Param("seed", Kind.NUMBER, 0),
                  Param("schedule", Kind.STRING, "linear", choices=("linear", "cosine", "constant"))],
-    Kind.MODEL, role="value", version="2", family="lm", costly=True)
+    Kind.MODEL, role="value", version="2", family="lm", costly=True, key_fn=_template_key, cost=_finetune_cost)
 def finetune(ctx, model, data, epochs=1, lr=None, lora=True, lora_r=8, lora_alpha=16, batch=8, max_length=512,
              template="alpaca", seed=0, schedule="linear"):
     """Fine-tune a model on records with the standard answer-only SFT loss; returns its checkpoints.

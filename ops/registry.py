@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable
 
 
 class Kind(enum.Enum):
-    """The shapes of values in the language (BRIEF section 2.1)."""
+    """The shapes of values in the language (docs/language.md, "Kinds of values")."""
 
     DATASET = "Dataset"
     MODEL = "Model"
@@ -122,6 +122,28 @@ class Budget:
         return self.canonical()
 
 
+@dataclass(frozen=True)
+class BudgetBound:
+    """``min(a, b, ...)`` or ``max(a, b, ...)`` of budgets, each resolved against the same input."""
+
+    combine: str  # "min" or "max"
+    parts: tuple
+
+    count = None  # not a plain count: resolved per input like a fraction
+    fraction = None
+    of_pool = False
+
+    def resolve(self, n_input: int, n_pool: int) -> int:
+        values = [p.resolve(n_input, n_pool) for p in self.parts]
+        return min(values) if self.combine == "min" else max(values)
+
+    def canonical(self) -> str:
+        return f"{self.combine}({', '.join(p.canonical() for p in self.parts)})"
+
+    def __str__(self) -> str:
+        return self.canonical()
+
+
 _MISSING = object()
 
 
@@ -197,6 +219,9 @@ class OpSpec:
     columns: tuple[str, ...] = ("value",)
     key_fn: Callable[..., str] | None = None
     expand: Callable[..., str] | None = None
+    explain: Callable[..., Any] | None = None
+    why_missing: Callable[..., list] | None = None
+    cost: Callable[..., Any] | None = None
     extra: dict = field(default_factory=dict)
 
     def param(self, name: str) -> Param | None:
@@ -234,6 +259,9 @@ def op(
     chunk_rows: int = 4096,
     columns: tuple[str, ...] = ("value",),
     key_fn: Callable[..., str] | None = None,
+    explain: Callable[..., Any] | None = None,
+    why_missing: Callable[..., list] | None = None,
+    cost: Callable[..., Any] | None = None,
     **extra: Any,
 ) -> Callable[[Callable], Callable]:
     """Declare the decorated function as the implementation of operator ``name``.
@@ -241,8 +269,23 @@ def op(
     ``version`` must change whenever the op's results change: it is part of
     every cache key.  ``costly`` ops have their results cached even when they
     run once per group or per iteration round.  Map ops may return several
-    named ``columns`` per record.  ``key_fn(args) -> str`` lets a value op
-    (a model) contribute a content fingerprint to downstream cache keys.
+    named ``columns`` per record.  ``key_fn(**params) -> str``, called with
+    the op's literal parameter values, adds a string to the op's run-time
+    cache key, for any role: a model's content fingerprint, or the digest of
+    the template an op renders (so editing the template's text invalidates
+    the results).
+
+    Accounting hooks (both optional, both run after the op from cached values):
+    ``explain(ctx, subset, kept, **args) -> Verdict`` says, for a selector,
+    why each input record was kept or dropped (default: "not picked");
+    ``why_missing`` says why a per-record value is NaN — for a map op
+    ``why_missing(ctx, idx, columns, **args)`` with the stored ``columns`` of
+    those rows, for a scores transform ``why_missing(ctx, idx, **args)``.
+
+    ``cost(ctx, idx, **args) -> Work`` estimates, before anything runs, the
+    model work of computing rows ``idx`` (a map op) or of the op itself (a
+    value op such as ``finetune``, called with ``idx=None``): records, tokens,
+    steps and a rough time (``datasel compile --pool``).
     """
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r} for op {name}")
@@ -267,6 +310,9 @@ def op(
             chunk_rows=chunk_rows,
             columns=columns,
             key_fn=key_fn,
+            explain=explain,
+            why_missing=why_missing,
+            cost=cost,
             extra=extra,
         )
         return fn

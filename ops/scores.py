@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 
+from datasel.ops.context import NO_TEXT, text_hash
 from datasel.ops.registry import Kind, Param, op
 
 TEXT_FIELDS = ("instruction", "input", "output", "prompt", "all")
@@ -66,16 +67,35 @@ def _number(value) -> float:
     return math.nan
 
 
-@op("field", [Param("name", Kind.STRING, doc="field name; dots reach into nested objects (a.b.0)")],
-    Kind.SCORES, role="map", version="1", chunk_rows=65536)
-def field_(ctx, idx, name):
-    """A numeric field of the raw records as Scores (precomputed scores, ratings, ...).
+def _field_missing(ctx, idx, columns, name):
+    out = []
+    for raw in ctx.raw(idx):
+        value = _lookup(raw, name)
+        if value is None:
+            out.append(f"the record has no field {name!r}")
+        else:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:39] + "…"
+            out.append(f"field {name!r} is not a number ({shown})")
+    return out
 
-    Missing or non-numeric values become NaN: selectors leave such records
-    out and count them in the manifest.  Booleans are 0/1; numeric strings
-    are parsed.
+
+@op("field", [Param("name", Kind.STRING, doc="field name; dots reach into nested objects (a.b.0)")],
+    Kind.SCORES, role="map", version="2", chunk_rows=65536, why_missing=_field_missing,
+    columns=("value", "text_hash"))
+def field_(ctx, idx, name):
+    """A field of the raw records: as numbers (precomputed scores, ratings, ...) or compared as text.
+
+    Missing or non-numeric values are NaN as numbers: selectors leave such
+    records out and count them in the manifest.  Booleans are 0/1; numeric
+    strings are parsed.  The field can also be compared with strings:
+    ``field("category") == "open_qa"``, ``field("source") != "sharegpt"``,
+    ``field("lang") in ["en", "de"]`` (a record without the field matches
+    none of these and is reported as having no value).
     """
-    return np.fromiter((_number(_lookup(r, name)) for r in ctx.raw(idx)), dtype=np.float64, count=len(idx))
+    values = [_lookup(r, name) for r in ctx.raw(idx)]
+    numbers = np.fromiter((_number(v) for v in values), dtype=np.float64, count=len(idx))
+    hashes = np.frombuffer(b"".join(NO_TEXT if v is None else text_hash(v) for v in values), dtype="S16").copy()
+    return {"value": numbers, "text_hash": hashes}
 
 
 def _finite(values: np.ndarray) -> np.ndarray:
@@ -162,8 +182,12 @@ def count(ctx, selection):
     return len(selection)
 
 
+def _ratio_missing(ctx, idx, numerator, denominator):
+    return [f"the denominator {denominator.label} is 0"] * len(idx)
+
+
 @op("ratio", [Param("numerator", Kind.SCORES, doc="top"), Param("denominator", Kind.SCORES, doc="bottom")],
-    Kind.SCORES, role="scores", version="1")
+    Kind.SCORES, role="scores", version="1", why_missing=_ratio_missing)
 def ratio(ctx, idx, numerator, denominator):
     """numerator / denominator, with NaN (excluded and counted by selectors) where the denominator is 0.
 
@@ -185,7 +209,12 @@ def exp(ctx, idx, scores):
         return np.exp(np.asarray(scores.values(idx), dtype=np.float64))
 
 
-@op("log", [Param("scores", Kind.SCORES, doc="values")], Kind.SCORES, role="scores", version="1")
+def _log_missing(ctx, idx, scores):
+    return [f"log of {scores.label} ≤ 0"] * len(idx)
+
+
+@op("log", [Param("scores", Kind.SCORES, doc="values")], Kind.SCORES, role="scores", version="1",
+    why_missing=_log_missing)
 def log(ctx, idx, scores):
     """Natural logarithm (NaN for values ≤ 0)."""
     v = np.asarray(scores.values(idx), dtype=np.float64)

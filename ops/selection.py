@@ -4,18 +4,59 @@ from __future__ import annotations
 
 import numpy as np
 
-from datasel.ops.registry import Budget, Kind, Param, op
+from datasel.ops.context import Verdict
+from datasel.ops.registry import Budget, BudgetBound, Kind, Param, op
 
 
 def scored_rows(ctx, subset: np.ndarray, scores, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of ``subset`` that have a score, and those scores; NaN rows are counted as excluded."""
+    """The rows of ``subset`` that have a score, and those scores (NaN rows are left out)."""
     values = np.asarray(scores.values(subset), dtype=np.float64)
     if values.ndim != 1:
         raise ValueError(f"{what} needs one number per record, got an array of shape {values.shape}")
     nan = np.isnan(values)
-    if nan.any():
-        ctx.exclude(f"no score ({scores.label}) in {what}", subset[nan])
     return subset[~nan], values[~nan]
+
+
+def missing_texts(ctx, scores, subset: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per row: why the score is NaN ("" where it is not), for verdicts."""
+    out = np.full(len(subset), "", dtype=object)
+    nan = np.isnan(values)
+    if nan.any():
+        out[nan] = ctx.why_missing(scores, subset[nan])
+    return out
+
+
+def _ranked_verdict(ctx, subset, kept, scores, k, descending: bool) -> Verdict:
+    """Rank, value and cut-off of every input row of topk / bottomk."""
+    values = np.asarray(scores.values(subset), dtype=np.float64)
+    nan = np.isnan(values)
+    ok = np.flatnonzero(~nan)
+    order = ok[np.lexsort((subset[ok], -values[ok] if descending else values[ok]))]
+    rank = np.zeros(len(subset), dtype=np.int64)
+    rank[order] = np.arange(1, len(order) + 1)
+    is_kept = np.isin(subset, kept)
+    picked = values[is_kept]
+    cutoff = float(picked.min() if descending else picked.max()) if len(picked) else float("nan")
+    word = "top" if descending else "bottom"
+    name = scores.label
+    n_kept = len(kept)
+    size = str(k) if str(k) == str(n_kept) else f"{k} ({n_kept} record{'' if n_kept == 1 else 's'})"
+    return Verdict(
+        [(True, "kept", f"rank {{rank}} of {{n}} by {name}: {{score:.4g}}"),
+         (False, f"not in the {word} {k}",
+          f"not among the {word} {size} by {name}: {{score:.4g}}, rank {{rank}} of {{n}}, cut-off {{cutoff:.4g}}"),
+         (False, "no score", f"no {name} score: {{missing}}")],
+        np.where(is_kept, 0, np.where(nan, 2, 1)),
+        {"score": values, "rank": rank, "n": int(len(ok)), "k": int(len(kept)), "cutoff": cutoff,
+         "missing": missing_texts(ctx, scores, subset, values)})
+
+
+def _explain_topk(ctx, subset, kept, scores, k, chunks="exact"):
+    return _ranked_verdict(ctx, subset, kept, scores, k, descending=True)
+
+
+def _explain_bottomk(ctx, subset, kept, scores, k, chunks="exact"):
+    return _ranked_verdict(ctx, subset, kept, scores, k, descending=False)
 
 
 def order_by_score(rows: np.ndarray, values: np.ndarray, descending: bool) -> np.ndarray:
@@ -43,7 +84,7 @@ _CHUNKS = Param("chunks", Kind.STRING, "exact",
 @op("topk", [Param("scores", Kind.SCORES, doc="what to rank by"),
              Param("k", Kind.BUDGET, doc="how many to keep: a count, P% of the input, or P% of pool"),
              _CHUNKS],
-    Kind.SELECTOR, role="selector", version="1")
+    Kind.SELECTOR, role="selector", version="1", explain=_explain_topk)
 def topk(ctx, subset, scores, k: Budget, chunks="exact"):
     """Keep the k records with the highest scores.
 
@@ -60,7 +101,7 @@ def topk(ctx, subset, scores, k: Budget, chunks="exact"):
 @op("bottomk", [Param("scores", Kind.SCORES, doc="what to rank by"),
                 Param("k", Kind.BUDGET, doc="how many to keep"),
                 _CHUNKS],
-    Kind.SELECTOR, role="selector", version="1")
+    Kind.SELECTOR, role="selector", version="1", explain=_explain_bottomk)
 def bottomk(ctx, subset, scores, k: Budget, chunks="exact"):
     """Keep the k records with the lowest scores (ascending order, ties by pool order).
 
@@ -72,12 +113,32 @@ def bottomk(ctx, subset, scores, k: Budget, chunks="exact"):
     return order_by_score(rows, values, descending=False)[:n]
 
 
+def _explain_band(ctx, subset, kept, scores, lo=25, hi=75, min_size=0):
+    values = np.asarray(scores.values(subset), dtype=np.float64)
+    nan = np.isnan(values)
+    finite = values[~nan]
+    low, high = (np.percentile(finite, [lo, hi]) if len(finite) else (np.nan, np.nan))
+    whole = len(finite) < min_size
+    name = scores.label
+    is_kept = np.isin(subset, kept)
+    case = np.where(nan, 3, np.where(is_kept, 2 if whole else 0, 1))
+    return Verdict(
+        [(True, "kept", f"{name} = {{score:.4g}}, inside the {lo}th–{hi}th percentile band "
+                        f"[{{low:.4g}}, {{high:.4g}}]"),
+         (False, "outside the band", f"{name} = {{score:.4g}}, outside the {lo}th–{hi}th percentile band "
+                                     f"[{{low:.4g}}, {{high:.4g}}]"),
+         (True, "kept whole", f"kept whole: only {{n}} scored records, fewer than min_size {min_size}"),
+         (False, "no score", f"no {name} score: {{missing}}")],
+        case, {"score": values, "low": float(low), "high": float(high), "n": int(len(finite)),
+               "missing": missing_texts(ctx, scores, subset, values)})
+
+
 @op("band", [Param("scores", Kind.SCORES, doc="values"),
              Param("lo", Kind.NUMBER, 25, doc="lower percentile (0-100)"),
              Param("hi", Kind.NUMBER, 75, doc="upper percentile (0-100)"),
              Param("min_size", Kind.NUMBER, 0,
                    doc="inputs with fewer scored records than this are kept whole (CherryLLM: 10)")],
-    Kind.SELECTOR, role="selector", version="1")
+    Kind.SELECTOR, role="selector", version="1", explain=_explain_band)
 def band(ctx, subset, scores, lo=25, hi=75, min_size=0):
     """Keep the records whose score lies between the lo-th and hi-th percentiles of the input (inclusive).
 
@@ -98,9 +159,26 @@ def band(ctx, subset, scores, lo=25, hi=75, min_size=0):
     return rows[(values >= low) & (values <= high)]
 
 
+def _drawn_verdict(subset, kept, how: str) -> Verdict:
+    return Verdict([(True, "drawn", f"drawn ({how})"),
+                    (False, "not drawn", f"not drawn: {{k}} of {{n}} records, {how}")],
+                   np.where(np.isin(subset, kept), 0, 1), {"k": int(len(kept)), "n": int(len(subset))})
+
+
+def _explain_random(ctx, subset, kept, k, seed=0):
+    return _drawn_verdict(subset, kept, f"uniformly at random, seed {seed}")
+
+
+def _explain_sample(ctx, subset, kept, k, how="stride", seed=0):
+    if how == "random":
+        return _drawn_verdict(subset, kept, f"uniformly at random, seed {seed}")
+    step = max(1, len(subset) // max(1, len(kept))) if len(kept) else 0
+    return _drawn_verdict(subset, kept, f"every {step}th record in pool order")
+
+
 @op("random", [Param("k", Kind.BUDGET, doc="how many to keep"),
                Param("seed", Kind.NUMBER, 0, doc="random seed")],
-    Kind.SELECTOR, role="selector", version="1")
+    Kind.SELECTOR, role="selector", version="1", explain=_explain_random)
 def random_(ctx, subset, k: Budget, seed=0):
     """Keep k records drawn uniformly without replacement (numpy PCG64 with ``seed``).
 
@@ -116,7 +194,7 @@ def random_(ctx, subset, k: Budget, seed=0):
                Param("how", Kind.STRING, "stride", doc="stride: evenly spaced in pool order; random: uniform",
                      choices=("stride", "random")),
                Param("seed", Kind.NUMBER, 0, doc="random seed (how=\"random\")")],
-    Kind.SELECTOR, role="selector", version="1")
+    Kind.SELECTOR, role="selector", version="1", explain=_explain_sample)
 def sample(ctx, subset, k: Budget, how="stride", seed=0):
     """Keep k records spread evenly over the input (CherryLLM's per-cluster rule).
 
@@ -131,6 +209,36 @@ def sample(ctx, subset, k: Budget, how="stride", seed=0):
         return subset[:0]
     step = max(1, len(subset) // n)
     return subset[::step][:n]
+
+
+def _budget(value) -> Budget:
+    if isinstance(value, (Budget, BudgetBound)):
+        return value
+    if isinstance(value, bool) or float(value) != int(value) or value < 0:
+        raise ValueError(f"a budget is a whole, non-negative count or a percentage; got {value}")
+    return Budget(count=int(value))
+
+
+@op("min", [Param("a", Kind.BUDGET, doc="a count or a percentage"), Param("b", Kind.BUDGET, doc="another"),
+            Param("c", Kind.BUDGET, None, doc="optional third")],
+    Kind.BUDGET, role="value", version="1", family="selection")
+def min_(ctx, a, b, c=None):
+    """The smaller of two (or three) budgets, each resolved against the same input.
+
+    ``topk(ifd, min(1000, 5% of pool))`` keeps 5% of the pool but never more than 1,000 records.
+    """
+    return BudgetBound("min", tuple(_budget(x) for x in (a, b, c) if x is not None))
+
+
+@op("max", [Param("a", Kind.BUDGET, doc="a count or a percentage"), Param("b", Kind.BUDGET, doc="another"),
+            Param("c", Kind.BUDGET, None, doc="optional third")],
+    Kind.BUDGET, role="value", version="1", family="selection")
+def max_(ctx, a, b, c=None):
+    """The larger of two (or three) budgets, each resolved against the same input.
+
+    ``topk(ifd, max(100, 10%))`` keeps 10% of what reaches it, but at least 100 records.
+    """
+    return BudgetBound("max", tuple(_budget(x) for x in (a, b, c) if x is not None))
 
 
 @op("iterate", [Param("init", Kind.SELECTOR, doc="the selection to start from"),

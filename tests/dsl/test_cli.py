@@ -52,7 +52,8 @@ def test_run_writes_output_and_manifest(cli, recipe, pool, tmp_path):
     assert m["recipe"]["text"] == RECIPE
     assert m["selected"] == [9, 14, 19]
     assert m["pool_size"] == 20
-    assert m["exclusions"] == {}
+    # Every record that was not selected is accounted for: 6 too short, 11 below the top 3.
+    assert m["exclusions"] == {"stage 1 (length > 20): length > 20 is false": 6, "stage 2 (topk(field(\"score\"), 3)): not in the top 3": 11}
     assert {n["op"] for n in m["nodes"]} >= {"length", "compare", "field", "topk"}
     assert all(set(n) >= {"id", "op", "status", "seconds", "rows_computed"} for n in m["nodes"])
     assert "plan" in m and m["plan"]["output"]
@@ -72,11 +73,14 @@ def test_second_cli_run_reports_every_node_cached(cli, recipe, pool, tmp_path):
     assert f"(0 of {len(m['nodes'])} nodes computed" in r.out
 
 
-def test_run_without_output_prints_summary(cli, recipe, pool, tmp_path):
+def test_run_without_output_writes_next_to_the_pool_and_says_where(cli, recipe, pool, tmp_path):
     r = cli("run", recipe(), "--pool", pool)
     assert r.code == 0
     assert "selected 3 of 20 records" in r.out
-    assert not list(tmp_path.glob("*.manifest.json"))
+    written = pool.parent / f"{pool.stem}.selected.jsonl"
+    assert f"wrote {written} and {written}.manifest.json" in r.out
+    assert [json.loads(line)["instruction"] for line in written.read_text().splitlines()] == ["q9", "q14", "q19"]
+    assert manifest_of(written)["selected"] == [9, 14, 19]
 
 
 def test_cache_flag_overrides_environment(cli, recipe, pool, tmp_path, cache_dir):
@@ -100,11 +104,15 @@ def test_on_bad_record_skip_counts_exclusions(cli, recipe, tmp_path):
     ok = cli("run", recipe(), "--pool", pool, "--on-bad-record", "skip", "-o", out)
     assert ok.code == 0, ok.err
     m = manifest_of(out)
-    assert m["exclusions"] == {"pool: bad record: malformed JSON": 1, "pool: bad record: empty response": 1}
+    assert m["exclusions"] == {"pool: bad record: malformed JSON": 1, "pool: bad record: empty response": 1,
+                               "stage 1 (length > 20): length > 20 is false": 6, "stage 2 (topk(field(\"score\"), 3)): not in the top 3": 11}
     assert m["pool_size"] == 20
     # positions in the file: records 9, 14, 19 sit behind both bad lines
     assert m["selected"] == [11, 16, 21]
-    assert "excluded 1: pool: bad record: malformed JSON" in ok.out
+    assert "skipped 1 record of --pool when reading: malformed JSON" in ok.out
+    # The funnel: 20 usable records, 14 longer than 20 characters, then the top 3.
+    assert "  20  pool\n  14  length > 20" in ok.out
+    assert "   3  topk(field(\"score\"), 3)" in ok.out
 
 
 def test_set_overrides_a_binding(cli, recipe, pool, tmp_path):
@@ -236,12 +244,13 @@ def test_compile_pool_fills_cache_column(cli, recipe, pool, write_pool):
 
     assert states(pool) == {"length": "miss", "compare": "miss", "field": "miss", "topk": "miss"}
     assert cli("run", r, "--pool", pool).code == 0
-    # field ran on the 14 survivors only: partly cached
-    assert states(pool) == {"length": "hit", "compare": "hit", "field": "partial", "topk": "hit"}
+    # field ran on the 14 survivors only, and only those will ever reach it: fully cached, as a rerun is
+    assert states(pool) == {"length": "hit", "compare": "hit", "field": "hit", "topk": "hit"}
     grown = write_pool(records(22), "grown.jsonl")
     assert states(grown) == {"length": "partial", "compare": "miss", "field": "partial", "topk": "miss"}
-    text = cli("compile", r, "--pool", pool)
-    assert "cached" in text.out and "partly cached 70%" in text.out
+    text = cli("compile", r, "--pool", grown)
+    assert "partly cached 91%" in text.out  # length: 20 of 22
+    assert "model work left on this pool: none" in text.out  # length and field have no model work
 
 
 # ------------------------------------------------------------------ eval

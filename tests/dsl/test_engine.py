@@ -202,19 +202,42 @@ def test_interrupted_map_op_keeps_finished_chunks(run_recipe, monkeypatch):
 
 
 def test_lazily_pulled_input_time_is_charged_to_the_input(run_recipe, monkeypatch):
-    """topk pulls `length` lazily inside its own call; the manifest charges that time to `length`."""
-    import time as _time
+    """topk pulls `length` lazily inside its own call; the manifest charges that time to `length`.
+
+    The engine's clock is replaced by one that stands still except inside `length`'s function,
+    where it jumps 5 s, so the seconds charged to each node are exact (no real waiting).
+    """
+    import time as real_time
+
+    from datasel.dsl import engine as engine_module
+
+    class Clock:
+        def __init__(self):
+            self.now = 1000.0
+
+        def perf_counter(self) -> float:
+            return self.now
+
+        def __getattr__(self, name):  # everything else is the real time module
+            return getattr(real_time, name)
+
+    clock = Clock()
+    monkeypatch.setattr(engine_module, "time", clock)
     spec = registry.get("length")
     real = spec.fn
+    calls = []
 
     def slow(ctx, idx, **kw):
-        _time.sleep(0.5)
+        calls.append(len(idx))
+        clock.now += 5.0
         return real(ctx, idx, **kw)
 
     monkeypatch.setattr(spec, "fn", slow)
     out = run_recipe("select topk(length, 2)", pool_records(10))
-    assert out.node("length")["seconds"] >= 0.5
-    assert out.node("topk")["seconds"] < out.node("length")["seconds"]
+    assert out.selected == [9, 8]
+    assert sum(calls) == 10  # in chunks: a small first one, then sized by the measured rate
+    assert out.node("length")["seconds"] == 5.0 * len(calls)
+    assert out.node("topk")["seconds"] == 0.0
 
 
 def test_runtime_error_names_op_and_recipe_position(run_recipe, monkeypatch):
@@ -270,7 +293,8 @@ def test_manifest_contents(run_recipe, write_pool, tmp_path):
     # Indices into the pool file (the skipped line shifts later records by one), in selection order.
     assert m["selected"] == [10, 15, 20]
     assert res.selected == m["selected"]
-    assert m["exclusions"] == {"pool: bad record: empty response": 1}
+    assert m["exclusions"] == {"pool: bad record: empty response": 1,
+                               "stage 1 (length > 20): length > 20 is false": 6, "stage 2 (topk(field(\"score\"), 3)): not in the top 3": 11}
     assert {n["id"] for n in m["plan"]["nodes"]} == {n["id"] for n in m["nodes"]}
     assert m["plan"]["output"] == res.node("topk")["id"]
     for n in m["nodes"]:
@@ -287,8 +311,7 @@ def test_manifest_counts_nan_exclusions(run_recipe):
     records[2]["score"] = "n/a"
     out = run_recipe('select topk(field("score"), 10)', records)
     assert out.selected == [4, 3, 0, 5]
-    (reason, count), = out.manifest["exclusions"].items()
-    assert count == 2 and "no score" in reason and "topk" in reason
+    assert out.manifest["exclusions"] == {'stage 1 (topk(field("score"), 10)): no score': 2}
 
 
 # ------------------------------------------------------------- cache_state
@@ -310,8 +333,9 @@ def test_cache_state_before_and_after(write_pool, cache_dir):
     assert by_op["length"]["state"] == "hit"
     assert by_op["topk"]["state"] == "hit"
     assert by_op["compare"]["state"] == "hit"
-    assert by_op["field"]["state"] == "partial"
-    assert by_op["field"]["fraction"] == pytest.approx(14 / 20)
+    # field only ever sees the 14 survivors of the length filter: all of them are cached
+    assert by_op["field"]["state"] == "hit"
+    assert by_op["field"]["fraction"] == 1.0 and by_op["field"]["rows"] == 0
 
 
 def test_evaluate_scores_for_every_record(write_pool, cache_dir):

@@ -61,7 +61,7 @@ def test_identical_selectors_are_one_node():
     plan = plan_of("select topk(length, 5) + topk(length, 5)")
     assert len(nodes(plan, "topk")) == 1
     union = output(plan)
-    assert union.inputs[0] == union.inputs[1]
+    assert input_of(plan, union, "left").id == input_of(plan, union, "right").id
 
 
 def test_same_expression_through_prelude_and_recipe_names_is_one_node():
@@ -156,10 +156,31 @@ def test_dataset_fingerprint_changes_every_id():
 
 
 def test_val_fingerprint_changes_only_what_reads_val():
-    text = 'select topk(length, 5) + random(1)\nv = field("x", data=val)'
+    # A model fine-tuned on val scores the pool: val -> finetune -> loss -> topk -> union.
+    text = 'select topk(loss(finetune(hf("smollm"), data=val)), 5) + random(1)'
     a = plan_of(text, fingerprints={"pool": "p", "val": "v1"})
+    a_again = plan_of(text, fingerprints={"pool": "p", "val": "v1"})
     b = plan_of(text, fingerprints={"pool": "p", "val": "v2"})
-    assert a.output == b.output
+    assert list(a.nodes) == list(a_again.nodes)
+
+    def ids(plan):
+        out = {}
+        for n in plan.nodes.values():
+            label = f"dataset {n.params['name']}" if n.op == "dataset" else n.op
+            assert label not in out, label
+            out[label] = n.id
+        return out
+
+    before, after = ids(a), ids(b)
+    assert set(before) == set(after)
+    changed = {label for label in before if before[label] != after[label]}
+    assert changed == {"dataset val", "finetune", "loss", "topk", "union"}
+    assert set(before) - changed == {"dataset pool", "hf", "random"}
+    assert a.output != b.output
+    # A val that nothing selected reads does not move the plan.
+    unused = 'select topk(length, 5) + random(1)\nv = field("x", data=val)'
+    assert (plan_of(unused, fingerprints={"pool": "p", "val": "v1"}).output
+            == plan_of(unused, fingerprints={"pool": "p", "val": "v2"}).output)
 
 
 # --------------------------------------------------------------------------- pipes
@@ -187,11 +208,13 @@ def test_union_after_a_pipe_applies_both_sides_to_the_piped_set():
     plan = plan_of("select random(50) | topk(length, 5) + bottomk(length, 1)")
     union = output(plan)
     assert union.op == "union"
-    left, right = (plan.nodes[i] for i in union.inputs)
+    left, right = input_of(plan, union, "left"), input_of(plan, union, "right")
     assert (left.op, right.op) == ("topk", "bottomk")
     r50 = one(plan, "random")
     assert input_of(plan, left, "input").id == r50.id
     assert input_of(plan, right, "input").id == r50.id
+    # The combination's own input is the piped set too (the funnel reads what reached it).
+    assert input_of(plan, union, "input").id == r50.id
 
 
 @pytest.mark.parametrize("op, name", [("&", "intersect"), ("+", "union"), ("-", "difference")])
@@ -199,8 +222,8 @@ def test_set_operators_become_combine_nodes(op, name):
     plan = plan_of(f"select topk(length, 5) {op} random(3)")
     node = output(plan)
     assert node.op == name
-    assert node.roles == ["left", "right"]
-    assert [plan.nodes[i].op for i in node.inputs] == ["topk", "random"]
+    assert node.roles == ["input", "left", "right"]
+    assert [plan.nodes[i].op for i in node.inputs] == ["dataset", "topk", "random"]
 
 
 def test_number_on_the_left_of_a_comparison_is_turned_around():
@@ -245,8 +268,9 @@ def test_partition_pipe_with_union_body():
     per_group = output(plan)
     body = plan.nodes[per_group.body]
     assert body.op == "union"
-    for i in body.inputs:
-        assert input_of(plan, plan.nodes[i], "input").id == per_group.var
+    assert input_of(plan, body, "input").id == per_group.var
+    for role in ("left", "right"):
+        assert input_of(plan, input_of(plan, body, role), "input").id == per_group.var
 
 
 def test_iterate_plans_a_body_with_a_round_variable():
@@ -261,7 +285,7 @@ def test_iterate_plans_a_body_with_a_round_variable():
     body = plan.nodes[it.body]
     assert body.op == "union"
     assert body.free_vars == frozenset({var.id})
-    assert plan.nodes[body.inputs[0]].id == var.id
+    assert input_of(plan, body, "left").id == var.id
     count = one(plan, "count")
     assert count.free_vars == frozenset({var.id})
     assert {body.id, count.id, one(plan, "topk").id} <= it.body_nodes

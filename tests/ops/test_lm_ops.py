@@ -1,8 +1,8 @@
 """Language-model scoring operators through the language (loss, ppl, ifd, lp, hidden,
 generation_stats / uncertainty, finetune), each against an independent computation written here:
 batch-1 fp32 Hugging Face forwards with ``labels`` (−100 on the context), the Alpaca template typed
-out literally (METHODS.md §1.2), a naive greedy loop keeping full logits, and checkpoints loaded by
-hand.  Tiny random models (tests/ops/conftest.py) keep the fast tests fast; the real SmolLM2 IFD
+out literally (Stanford Alpaca's prompt, tatsu-lab/stanford_alpaca ``train.py``), a naive greedy
+loop keeping full logits, and checkpoints loaded by hand.  Tiny random models (tests/ops/conftest.py) keep the fast tests fast; the real SmolLM2 IFD
 test is marked slow.
 """
 from __future__ import annotations
@@ -23,7 +23,10 @@ pytestmark = pytest.mark.usefixtures("cache_dir")
 
 nan = math.nan
 
-# ------------------------------------------------------------------ templates (METHODS.md §1.2)
+# ------------------------------------------------------------------ templates
+# The Alpaca prompt (tatsu-lab/stanford_alpaca, PROMPT_DICT in train.py; also in tianyi-lab/Cherry_LLM
+# cherry_seletion/data_analysis.py) and Superfiltering's "none" (tianyi-lab/Superfiltering
+# code_ifd/data_analysis.py, PROMPT_DICT_NONE), typed again here independently of the library.
 ALPACA_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request.\n\n"
@@ -290,7 +293,17 @@ def test_ifd_from_the_cli(cli, write_pool, tiny):
     assert_close([r["value"] for r in rows], cond / direct)
 
 
-def test_set_model_switches_prelude_names(write_pool, tiny, cache_dir):
+def test_set_model_switches_prelude_names(write_pool, tiny, cache_dir, monkeypatch):
+    from datasel.ops.algos import lm_loading
+
+    loaded = []
+    real_load = lm_loading.load_causal_lm
+
+    def recording(spec, **kw):
+        loaded.append(str(spec))
+        return real_load(spec, **kw)
+
+    monkeypatch.setattr(lm_loading, "load_causal_lm", recording)
     folder, model, tok = tiny
     pool = write_pool(RECORDS)
     sets = [f'model=hf("{folder}")']
@@ -301,9 +314,8 @@ def test_set_model_switches_prelude_names(write_pool, tiny, cache_dir):
     assert_close(via_prelude, cond / direct_v)
     cond_n, direct_n = _cond_direct(model, tok, RECORDS, template=plain)
     assert_close(_evaluate("ifd_ppl", pool, sets=sets), np.exp(cond_n - direct_n))
-    # SmolLM2 (the default `model`) was never touched
-    models = Path(cache_dir) / "models"
-    assert not models.exists() or not any(p.name.startswith("smollm") for p in models.iterdir())
+    # Every language model loaded was the one --set named; SmolLM2 (the default `model`) never was.
+    assert loaded and set(loaded) == {folder}
 
 
 # =================================================================== hidden
