@@ -117,22 +117,18 @@ class Accounting:
         dropped_at = self.dropped_at()
         reason: list[str | None] = [None] * n
         for stage, entry in zip(self.stages, funnel[1:]):
-            where = np.full(n, -1, dtype=np.int64)
-            where[stage.rows] = np.arange(len(stage.rows))
-            case: list[int | None] = [None] * n
-            for i, row in zip(stage.rows.tolist(), range(len(stage.rows))):
-                case[i] = int(stage.verdict.case[row])
+            case = np.full(n, -1, dtype=np.int64)
+            case[stage.rows] = stage.verdict.case
             values = {}
             for name, column in stage.verdict.values.items():
                 if np.ndim(column) == 0 and not isinstance(column, (list, tuple)):
                     values[name] = _json_value(column)
                     continue
-                full: list[Any] = [None] * n
-                for i, row in zip(stage.rows.tolist(), range(len(stage.rows))):
-                    full[i] = _json_value(column[row])
-                values[name] = full
+                full = np.full(n, None, dtype=object)
+                full[stage.rows] = [_json_value(v) for v in np.asarray(column, dtype=object)]
+                values[name] = full.tolist()
             entry["notes"] = [list(note) for note in stage.verdict.notes]
-            entry["case"] = case
+            entry["case"] = [None if c < 0 else c for c in case.tolist()]
             entry["values"] = values
             for row in np.flatnonzero(~stage.kept):
                 reason[int(stage.rows[row])] = stage.verdict.text(int(row), self.record_name)

@@ -492,10 +492,7 @@ class Cache:
             except OSError:
                 pass
         for entry in list(view.entries()):
-            stale = everything or (
-                older_than_days is not None and now - entry["last_used"] > older_than_days * 86400
-            )
-            if stale:
+            if everything or unused_for(entry, older_than_days, now):
                 why = _remove_tree(Path(entry["path"]), graveyard)
                 if why is None:
                     removed["entries"] += 1
@@ -607,8 +604,7 @@ class ModelStore:
                 if busy is None and stale.is_dir() and _remove_tree(stale, self.root) is None:
                     removed["tmp"] += 1
         for entry in list(self.entries()):
-            if not (everything or (older_than_days is not None
-                                   and now - entry["last_used"] > older_than_days * 86400)):
+            if not (everything or unused_for(entry, older_than_days, now)):
                 continue
             with self._hold(entry["key"]) as busy:
                 why = busy or _remove_tree(Path(entry["path"]), self.root)
@@ -642,6 +638,13 @@ class ModelStore:
             yield None
         finally:
             lock.release()
+
+
+def unused_for(entry: dict, days: float | None, now: float | None = None) -> bool:
+    """Whether a listed entry has not been used for more than ``days`` days (False when ``days`` is None)."""
+    if days is None:
+        return False
+    return (time.time() if now is None else now) - entry["last_used"] > days * 86400
 
 
 class MapStore:

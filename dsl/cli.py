@@ -306,7 +306,7 @@ def cmd_ops(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from datasel.dsl.cache import Cache, ModelStore
+    from datasel.dsl.cache import Cache, ModelStore, unused_for
 
     if args.models:
         store = ModelStore()
@@ -322,9 +322,7 @@ def cmd_cache(args) -> int:
         elif cache.read_only:
             where = (f"{cache.root} is read-only ({cache.read_only_reason}): new results need --cache-write DIR; "
                      f"{where}")
-    now = time.time()
-    entries = [e for e in source.entries()
-               if args.older_than is None or now - e["last_used"] > args.older_than * 86400]
+    entries = [e for e in source.entries() if args.older_than is None or unused_for(e, args.older_than)]
     if args.action == "ls":
         if args.json:
             for e in entries:

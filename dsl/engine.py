@@ -66,9 +66,6 @@ class Exclusion:
     indices: np.ndarray
     values: dict
 
-    def verdict_rows(self) -> tuple[np.ndarray, tuple[bool, str, str], dict]:
-        return self.indices, (False, self.reason, self.detail or self.reason), self.values
-
 
 @dataclass
 class NodeStats:

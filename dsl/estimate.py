@@ -20,7 +20,7 @@ import numpy as np
 
 from datasel.dsl.cache import Cache
 from datasel.dsl.data import Dataset
-from datasel.dsl.engine import Engine, NotCached, RunContext, Values
+from datasel.dsl.engine import Engine, NotCached, RunContext
 from datasel.dsl.plan import Node, Plan
 from datasel.ops.context import Selection, Work
 from datasel.ops.registry import PER_RECORD, Budget, BudgetBound, Kind
@@ -281,35 +281,28 @@ class Estimator:
 
     def arguments(self, node: Node) -> dict:
         """The op's arguments as the run will give them; a model trained first is stood in for by its base."""
-        args = {}
         spec = node.spec
+        args = {}
         for p in spec.params:
             if spec.role == "map" and p.name == "data":
-                continue
+                continue  # the mapped dataset reaches the op through ctx
             if p.name in node.roles:
-                inp = node.inputs[node.roles.index(p.name)]
-                args[p.name] = self.resolve(inp)
+                value = self.resolve(node.inputs[node.roles.index(p.name)])
             elif p.name in node.values:
-                args[p.name] = node.values[p.name]
-        return self.engine._arguments(node, {}) if not args else {**self._literal_args(node), **args}
-
-    def _literal_args(self, node: Node) -> dict:
-        out = {}
-        for p in node.spec.params:
-            if p.name in node.values and p.name not in node.roles:
                 value = node.values[p.name]
-                if p.kind is Kind.BUDGET and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    value = Budget(count=int(value))
-                out[p.name] = value
-        return out
+            else:
+                continue
+            if p.kind is Kind.BUDGET and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = Budget(count=int(value))
+            args[p.name] = value
+        return args
 
     def resolve(self, node_id: str):
         node = self.plan.nodes[node_id]
-        if node.id in self.rows and node.kind is Kind.SELECTOR:
-            rows = self.rows[node.id]
-            return Selection(rows.indices, "estimate", "estimate")
+        if node.kind is Kind.SELECTOR and node.id in self.rows:
+            return Selection(self.rows[node.id].indices, "estimate", "estimate")
         try:
-            value = self.engine.value(node_id, {})
+            return self.engine.value(node_id, {})
         except NotCached:
             if node.kind is not Kind.MODEL:
                 raise
@@ -317,9 +310,6 @@ class Estimator:
                 if self.plan.nodes[nid].kind is Kind.MODEL:
                     return self.resolve(nid)
             raise
-        if isinstance(value, Dataset) and node.kind is Kind.DATASET:
-            return value
-        return value
 
 
 def _short(exc: BaseException) -> str:

@@ -28,8 +28,11 @@ DELAY = 0.1
 PERSIST = 1.0  # seconds of work between saves, for the test (60 by default)
 
 LAUNCHER = '''
-import sys, time
+import signal, sys, time
 import numpy as np
+# A process started from a background job inherits SIGINT ignored, and Python then never raises
+# KeyboardInterrupt; the test sends SIGINT on purpose, so restore Python's handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from datasel.ops.registry import Kind, Param, op
 
 @op("slow_length", [Param("log", Kind.STRING)], Kind.SCORES, role="map", version="1", chunk_rows=512)
