@@ -23,9 +23,9 @@ from typing import Any, Callable
 import numpy as np
 
 from datasel.dsl.data import Dataset
-from datasel.dsl.engine import Engine, RunContext, Values, compares_text
+from datasel.dsl.engine import Engine, RunContext
 from datasel.dsl.plan import Node, Plan
-from datasel.ops.context import Verdict
+from datasel.ops.contract import Role, Verdict
 
 KEPT, DROPPED = True, False
 
@@ -47,18 +47,12 @@ def pipe_chain(plan: Plan, node_id: str, base: str | None = None) -> list[str]:
     """The pipe stages from the first one to ``node_id``, stopping at ``base`` (or a dataset / variable)."""
     chain = []
     nid = node_id
-    while nid != base:
+    while nid is not None and nid != base:
         node = plan.nodes[nid]
-        if node.op in ("dataset", "var"):
+        if node.role in (Role.DATASET, Role.VARIABLE):
             break
         chain.append(nid)
-        if node.op == "per_group":
-            partition = plan.nodes[node.inputs[node.roles.index("partition")]]
-            nid = partition.inputs[partition.roles.index("input")]
-        elif "input" in node.roles:
-            nid = node.inputs[node.roles.index("input")]
-        else:
-            break
+        nid = node.input("input")
     return chain[::-1]
 
 
@@ -186,37 +180,19 @@ class Explainer:
         line = self.pool.lines[index]
         return f"record {position} (line {line})" if line else f"record {position}"
 
-    # What reached a node and what it kept.
-    def input_rows(self, node: Node, env: dict) -> np.ndarray:
-        if node.op == "per_group":
-            grouping = self.engine.value(node.inputs[node.roles.index("partition")], env)
-            return np.sort(grouping.subset)
-        return np.sort(self.engine.selection(node.inputs[node.roles.index("input")], env).indices)
-
     def stage(self, node: Node, env: dict) -> tuple[np.ndarray, np.ndarray, Verdict]:
         """``(rows that reached node, kept mask, verdict)`` for one node applied under ``env``."""
-        rows = self.input_rows(node, env)
+        rows = np.sort(self.engine.selection(node.input("input"), env).indices)
         kept_order = self.engine.selection(node.id, env).indices
         kept = np.isin(rows, kept_order)
-        if node.op == "per_group":
-            verdict = self.per_group(node, env, rows)
-        elif node.op == "compare":
-            verdict = self.compare(node, env, rows, kept)
-        elif node.op in ("union", "intersect", "difference"):
-            verdict = self.combine(node, env, rows)
-        elif node.op == "restrict":
-            verdict = Verdict([(KEPT, "in the selection", "in the current selection"),
-                               (DROPPED, "not in the selection", "not in the current selection")],
-                              np.where(kept, 0, 1), {})
-        else:
-            verdict = self.declared(node, env, rows, kept, kept_order)
+        verdict = self.declared(node, env, rows, kept, kept_order)
         return rows, kept, self.with_exclusions(node, env, rows, kept, verdict)
 
     def declared(self, node: Node, env: dict, rows, kept, kept_order) -> Verdict:
         spec = node.spec
-        if spec is not None and spec.explain is not None:
+        if spec.explain is not None:
             args = self.engine.arguments(node, env)
-            ctx = RunContext(self.engine, node, env, self.pool)
+            ctx = ExplainContext(self, node, env)
             verdict = spec.explain(ctx, rows, kept_order, **args)
             if verdict is not None:
                 return verdict
@@ -253,39 +229,6 @@ class Explainer:
                 values[name][pos[ok]] = np.asarray(column, dtype=object)[ok]
         return Verdict(notes, case, values)
 
-    def compare(self, node: Node, env: dict, rows, kept) -> Verdict:
-        scores = self.engine.value(node.inputs[node.roles.index("scores")], env)
-        expr = expression_text(node)
-        if compares_text(node):
-            present, _ = self.engine.text_matches(node, scores, rows)
-            missing = np.full(len(rows), "", dtype=object)
-            if (~present).any():
-                missing[~present] = self.engine.why_missing(scores, rows[~present])
-            return Verdict([(KEPT, "kept", expr), (DROPPED, f"{expr} is false", f"{expr} is false"),
-                            (DROPPED, "no value", "no value: {missing}")],
-                           np.where(kept, 0, np.where(present, 1, 2)), {"missing": missing})
-        score = np.asarray(scores.values(rows), dtype=np.float64)
-        values: dict[str, Any] = {"score": score}
-        if "rhs" in node.roles:
-            rhs = self.engine.value(node.inputs[node.roles.index("rhs")], env)
-            values["rhs"] = np.asarray(rhs.values(rows), dtype=np.float64) if isinstance(rhs, Values) else float(rhs)
-        name = scores.label
-        rhs_note = " vs {rhs:.4g}" if "rhs" in node.roles else ""
-        nan = np.isnan(score)
-        missing = np.full(len(rows), "", dtype=object)
-        if nan.any():
-            missing[nan] = self.engine.why_missing(scores, rows[nan])
-        if isinstance(values.get("rhs"), np.ndarray):
-            rhs_nan = np.isnan(values["rhs"]) & ~nan
-            if rhs_nan.any():
-                missing[rhs_nan] = self.engine.why_missing(rhs, rows[rhs_nan])
-                nan = nan | rhs_nan
-        values["missing"] = missing
-        case = np.where(kept, 0, np.where(nan, 2, 1))
-        return Verdict([(KEPT, "kept", f"{name} = {{score:.4g}}{rhs_note}"),
-                        (DROPPED, f"{expr} is false", f"{expr} is false: {name} = {{score:.4g}}{rhs_note}"),
-                        (DROPPED, "no score", f"no {name} score: {{missing}}")], case, values)
-
     # Combinations and groups are explained record by record (their parts are sub-expressions).
     def expression(self, node_id: str, env: dict, base: str, rows: np.ndarray) -> tuple[np.ndarray, list, list]:
         """What the sub-expression rooted at ``node_id`` did to ``rows`` (the records of node ``base``).
@@ -315,67 +258,34 @@ class Explainer:
                     texts[i] = text
         return kept, reasons, texts
 
-    def combine(self, node: Node, env: dict, rows) -> Verdict:
-        base = node.inputs[node.roles.index("input")]
-        left_id, right_id = node.inputs[node.roles.index("left")], node.inputs[node.roles.index("right")]
-        lk, lr, lt = self.expression(left_id, env, base, rows)
-        rk, rr, rt = self.expression(right_id, env, base, rows)
-        left_name = stage_label(self.plan.nodes[left_id]) if left_id != base else "every record"
-        right_name = stage_label(self.plan.nodes[right_id]) if right_id != base else "every record"
-        notes: list[tuple[bool, str, str]] = []
-        case = np.zeros(len(rows), dtype=np.int64)
-        text = np.empty(len(rows), dtype=object)
 
-        def note(kept: bool, reason: str) -> int:
-            entry = (kept, reason, "{text}")
-            if entry not in notes:
-                notes.append(entry)
-            return notes.index(entry)
 
-        for i in range(len(rows)):
-            if node.op == "union":
-                if lk[i] or rk[i]:
-                    case[i], text[i] = note(KEPT, "kept"), (f"kept by {left_name}: {lt[i]}" if lk[i]
-                                                             else f"kept by {right_name}: {rt[i]}")
-                else:
-                    case[i] = note(DROPPED, "kept by neither side")
-                    text[i] = f"kept by neither {left_name} ({lt[i]}) nor {right_name} ({rt[i]})"
-            elif node.op == "intersect":
-                if not lk[i]:
-                    case[i], text[i] = note(DROPPED, lr[i]), f"{left_name}: {lt[i]}"
-                elif not rk[i]:
-                    case[i], text[i] = note(DROPPED, rr[i]), f"{right_name}: {rt[i]}"
-                else:
-                    case[i], text[i] = note(KEPT, "kept"), f"kept by both {left_name} and {right_name}"
-            else:  # difference
-                if not lk[i]:
-                    case[i], text[i] = note(DROPPED, lr[i]), f"{left_name}: {lt[i]}"
-                elif rk[i]:
-                    case[i] = note(DROPPED, f"removed by {right_name}")
-                    text[i] = f"removed because {right_name} keeps it ({rt[i]})"
-                else:
-                    case[i], text[i] = note(KEPT, "kept"), f"kept: {right_name} does not keep it ({rt[i]})"
-        return Verdict(notes, case, {"text": text})
+class ExplainContext(RunContext):
+    """What an op's ``explain`` hook may ask besides the run-time context: verdicts on its sub-expressions."""
 
-    def per_group(self, node: Node, env: dict, rows) -> Verdict:
-        notes: list[tuple[bool, str, str]] = []
-        case = np.zeros(len(rows), dtype=np.int64)
-        text = np.empty(len(rows), dtype=object)
-        group = np.zeros(len(rows), dtype=np.int64)
-        for label, members, inner in self.engine.group_bindings(node, env):
-            members = np.sort(members)
-            kept, reasons, texts = self.expression(node.body, inner, node.var, members)
-            pos = np.searchsorted(rows, members)
-            for i, p in enumerate(pos):
-                entry = (bool(kept[i]), reasons[i], "in group {group} ({size} records): {text}")
-                if entry not in notes:
-                    notes.append(entry)
-                case[p] = notes.index(entry)
-                text[p] = texts[i]
-                group[p] = label
-        sizes = Counter(group.tolist())
-        size = np.array([sizes[g] for g in group.tolist()], dtype=np.int64)
-        return Verdict(notes, case, {"group": group, "size": size, "text": text})
+    def __init__(self, explainer: Explainer, node: Node, env: dict):
+        super().__init__(explainer.engine, node, env, explainer.pool)
+        self._explainer = explainer
+
+    def input_label(self, param: str) -> str:
+        """How the funnel names the expression given as ``param`` (``every record`` for the input itself)."""
+        nid = self._node.input(param)
+        if nid == self._node.input("input"):
+            return "every record"
+        return stage_label(self._explainer.plan.nodes[nid])
+
+    def explain_input(self, param: str, rows: np.ndarray) -> tuple[np.ndarray, list, list]:
+        """What the selector given as ``param`` did to ``rows`` (which reached this node): kept, reasons, texts."""
+        return self._explainer.expression(self._node.input(param), self._env, self._node.input("input"), rows)
+
+    def explain_call(self, param: str, members: np.ndarray, group: tuple | None = None):
+        """What the function argument ``param`` did to ``members`` when called with them (a group, say)."""
+        inner = dict(self._env)
+        selection = self._engine.selection_of(members)
+        if group is not None:
+            self._engine._groups[selection.key] = group
+        inner[self._node.var] = selection
+        return self._explainer.expression(self._node.body, inner, self._node.var, np.sort(members))
 
 
 def account(engine: Engine, selected: np.ndarray) -> Accounting:

@@ -16,28 +16,9 @@ from typing import Any
 from datasel.dsl import ast
 from datasel.dsl.diagnostics import Diagnostic, RecipeError, Source, Span
 from datasel.ops import registry as reg
-from datasel.ops.registry import Budget, Kind, OpSpec, Param, accepts, kind_name
+from datasel.ops.contract import SET_ROLES, Budget, Kind, OpSpec, Param, Role, accepts, kind_name
 
 DATASETS = ("pool", "val")
-
-# Names of operators and prelude bindings that later work will add.  Using one
-# gives a precise "not available yet" error instead of a bare "unknown name".
-PLANNED = {
-    "graphwalk": "the G2IS gradient graph walk",
-    "grad": "the per-example LoRA gradient operators (LESS, G2IS, ClusterUCB)",
-    "grad_adam": "the per-example LoRA gradient operators (LESS, G2IS, ClusterUCB)",
-    "grad_sgd": "the per-example LoRA gradient operators (LESS, G2IS, ClusterUCB)",
-    "val_grad": "the per-example LoRA gradient operators (LESS, G2IS, ClusterUCB)",
-    "pca": "the gradient-feature operators (G2IS)",
-    "influence": "the gradient-feature operators (LESS)",
-    "less": "the gradient-feature operators (LESS)",
-    "bandit": "the ClusterUCB bandit selector",
-    "golden": "the Nuggets golden-score operator",
-    "whisper": "the Data Whisperer in-context scoring operator",
-    "mig": "the MIG label-graph selector",
-    "tags": "the label operators (MIG)",
-}
-
 
 @dataclass(frozen=True)
 class Type:
@@ -74,7 +55,6 @@ class Checked:
     calls: dict[int, CallInfo] = field(default_factory=dict)
     implicit_calls: dict[int, OpSpec] = field(default_factory=dict)  # bare op names
     implicit_args: dict[int, dict] = field(default_factory=dict)  # their synthesized arguments
-    expansions: dict[int, ast.Expr] = field(default_factory=dict)  # macro calls -> what they mean
     sources: list[Source] = field(default_factory=list)
 
     def type_of(self, expr: ast.Expr) -> Type:
@@ -113,7 +93,6 @@ class Checker:
         self.calls: dict[int, CallInfo] = {}
         self.implicit: dict[int, OpSpec] = {}
         self.implicit_args: dict[int, dict] = {}
-        self.expansions: dict[int, ast.Expr] = {}
 
     # ------------------------------------------------------------ utilities
     def error(self, message: str, span: Span | None, notes=()) -> None:
@@ -197,8 +176,9 @@ class Checker:
             args = self.default_refs(spec, {}, e.span)
             self.implicit_args[id(e)] = args
             return self.call_result(spec, args, e, scope)
-        if name in PLANNED:
-            self.error(f"'{name}' is not available yet: it arrives with {PLANNED[name]}", e.span)
+        planned = reg.planned_names()
+        if name in planned:
+            self.error(f"'{name}' is not available yet: it arrives with {planned[name]}", e.span)
             return ANY
         self.error(f"unknown name '{name}'{_suggest(name, self.visible_names(scope))}", e.span)
         return ANY
@@ -260,8 +240,8 @@ class Checker:
                 return Type(Kind.SELECTOR)
             if left.kind in (Kind.NUMBER, Kind.SCORES) and right.kind in (Kind.NUMBER, Kind.SCORES):
                 return self._arith_result(e, left, right)
-            what = "union" if op == "+" else "difference"
-            self._operands_error(e, left, right, f"'{op}' is the {what} of two Selectors or arithmetic on Scores and numbers")
+            what = {"+": "the union", "-": "the difference"}[op]
+            self._operands_error(e, left, right, f"'{op}' is {what} of two Selectors or arithmetic on Scores and numbers")
             return ANY
         if op in "*/":
             if left.kind in (Kind.NUMBER, Kind.SCORES) and right.kind in (Kind.NUMBER, Kind.SCORES):
@@ -304,12 +284,8 @@ class Checker:
 
     def _has_text(self, expr: ast.Expr) -> bool:
         """Whether ``expr`` is an op that also gives each record's text (declares a ``text_hash`` column)."""
-        seen = set()
-        while isinstance(expr, ast.Name) and expr.id in self.bindings and expr.id not in seen:
-            seen.add(expr.id)
-            expr = self.bindings[expr.id].expr
-        spec = self.calls[id(expr)].spec if id(expr) in self.calls else self.implicit.get(id(expr))
-        return spec is not None and "text_hash" in spec.columns
+        spec = self._spec_of(expr)
+        return spec is not None and "text_hash" in spec.column_names
 
     def _pool_as_selector(self, expr: ast.Expr, t: Type, scope) -> Type:
         if t.kind is Kind.DATASET and isinstance(expr, ast.Name) and expr.id == "pool" and "pool" not in scope:
@@ -379,8 +355,9 @@ class Checker:
                 self.expr(k.value, scope)
             if e.func in self.bindings or e.func in scope:
                 self.error(f"'{e.func}' is a name, not an operator; it cannot be called", e.func_span)
-            elif e.func in PLANNED:
-                self.error(f"operator '{e.func}' is not available yet: it arrives with {PLANNED[e.func]}", e.func_span)
+            elif e.func in reg.planned_names():
+                self.error(f"operator '{e.func}' is not available yet: it arrives with "
+                           f"{reg.planned_names()[e.func]}", e.func_span)
             else:
                 self.error(f"unknown operator '{e.func}'{_suggest(e.func, self.ops)}", e.func_span)
             return ANY
@@ -434,11 +411,10 @@ class Checker:
                 if not accepts(p.kind, Kind.FUNCTION):
                     self.error(f"{spec.name} does not take a function for {where}", a.span)
                     continue
-                var_kind = spec.extra.get("lambda_kind", Kind.SELECTOR)
                 inner = dict(scope)
-                inner[a.param] = Type(var_kind)
+                inner[a.param] = Type(p.binds or Kind.SELECTOR)
                 body = self.expr(a.body, inner)
-                want = spec.extra.get("lambda_result", Kind.SELECTOR)
+                want = p.returns or Kind.SELECTOR
                 if not accepts(want, body.kind):
                     self.error(f"the function given to {spec.name} must return a {want}, got {body.describe()}", a.body.span)
                 self.record(a, Type(Kind.FUNCTION))
@@ -454,61 +430,48 @@ class Checker:
                 continue
             self._check_literal(spec, p, a, where)
             if t.kind in reg.PER_RECORD and t.dataset:
-                if p.name in spec.extra.get("any_dataset", ()):
+                if p.any_dataset:
                     continue  # read whole, e.g. similarity's target=embed(minilm, data=val)
-                if spec.role in ("selector", "partition") and t.dataset != "pool":
+                if spec.role in SET_ROLES and t.dataset != "pool":
                     hint = ""
                     if t.kind is Kind.FEATURES:
                         hint = (f"; to rank pool records by their similarity to {t.dataset}, use "
                                 f"similarity(<pool features>, target={_snippet(a)})")
                     self.error(f"{spec.name} selects from the pool but {where} covers {t.dataset} ({_snippet(a)}){hint}", a.span)
                 per_record_dataset = per_record_dataset or t.dataset
-        if spec.role == "macro":
-            return self.expand(spec, args, e, scope)
-        if spec.role == "map":
-            data = args.get("data")
+        self._check_column(spec, args)
+        if spec.maps_over is not None:
+            data = args.get(spec.maps_over)
             dataset = data.id if isinstance(data, ast.Name) and data.id in DATASETS else "pool"
             return Type(spec.result, dataset)
         if spec.result in reg.PER_RECORD:
             return Type(spec.result, per_record_dataset or "pool")
         return Type(spec.result)
 
-    def expand(self, spec: OpSpec, args: dict[str, ast.Expr], e: ast.Expr, scope) -> Type:
-        """Check a macro call by checking the expression it stands for."""
-        from datasel.dsl.parser import parse_expression
-
-        literals: dict[str, Any] = {}
+    def _check_column(self, spec: OpSpec, args: dict[str, ast.Expr]) -> None:
+        """A parameter naming a column of another op's output (``column(loss(m), "count")``) must name one."""
         for p in spec.params:
-            if p.name in args:
-                ok, value = literal_value(args[p.name])
-                literals[p.name] = value if ok else NOT_LITERAL
-            else:
-                literals[p.name] = p.default
-        try:
-            template = spec.expand(**literals)
-        except ValueError as exc:
-            self.error(f"{spec.name}: {exc}", e.span)
-            return ANY
-        placeholders = {}
-        text = template
-        for p in spec.params:
-            token = "{" + p.name + "}"
-            if token not in text:
+            if not p.column_of or p.name not in args or not isinstance(args[p.name], ast.String):
                 continue
-            if p.name in args:
-                placeholders[f"__arg_{p.name}"] = args[p.name]
-                text = text.replace(token, f"__arg_{p.name}")
-            else:
-                text = text.replace(token, reg.format_value(p.default))
-        expr, errors = parse_expression(Source(f"<{spec.name}>", text))
-        if errors or expr is None:  # a bug in the macro, not in the recipe
-            raise AssertionError(f"macro {spec.name} expanded to invalid text {text!r}: {errors}")
-        expanded = _substitute(expr, placeholders, e.span)
-        t = self.expr(expanded, scope)
-        self.expansions[id(e)] = expanded
-        if t.kind is not Kind.ANY and not accepts(spec.result, t.kind):
-            raise AssertionError(f"macro {spec.name} declared {spec.result} but expands to {t.kind}")
-        return t
+            source = args.get(p.column_of)
+            target = self._spec_of(source) if source is not None else None
+            if target is None or target.role is Role.MACRO:
+                continue
+            wanted = args[p.name].value
+            if wanted not in target.column_names:
+                names = ", ".join(f'"{c}"' for c in target.column_names)
+                self.error(f"{spec.name}: {target.name} has no output column \"{wanted}\" (it has {names})"
+                           f"{_suggest(wanted, target.column_names)}", args[p.name].span)
+
+    def _spec_of(self, expr: ast.Expr) -> OpSpec | None:
+        """The op an expression is a call of, following names bound to calls."""
+        seen = set()
+        while isinstance(expr, ast.Name) and expr.id in self.bindings and expr.id not in seen:
+            seen.add(expr.id)
+            expr = self.bindings[expr.id].expr
+        if id(expr) in self.calls:
+            return self.calls[id(expr)].spec
+        return self.implicit.get(id(expr))
 
     @staticmethod
     def _is_keyword(e: ast.Expr, name: str) -> bool:
@@ -526,39 +489,6 @@ class Checker:
                        f"(for a share write {pct}%)", a.span)
         if isinstance(a, ast.Neg) and isinstance(a.operand, ast.Number):
             self.error(f"{spec.name}: a budget cannot be negative", a.span)
-
-
-class _NotLiteral:
-    """Passed to a macro for an argument that is not a literal."""
-
-    def __repr__(self) -> str:
-        return "<expression>"
-
-
-NOT_LITERAL = _NotLiteral()
-
-
-def _substitute(expr: ast.Expr, mapping: dict[str, ast.Expr], span: Span) -> ast.Expr:
-    """A copy of a macro expansion with placeholders replaced and positions moved to the call."""
-    import copy
-
-    if isinstance(expr, ast.Name) and expr.id in mapping:
-        return mapping[expr.id]
-    new = copy.copy(expr)
-    new.span = span
-    if isinstance(new, ast.Call):
-        new.func_span = span
-        new.args = [_substitute(a, mapping, span) for a in expr.args]
-        new.kwargs = [ast.Keyword(k.name, _substitute(k.value, mapping, span), span) for k in expr.kwargs]
-    elif isinstance(new, ast.BinOp):
-        new.left = _substitute(expr.left, mapping, span)
-        new.right = _substitute(expr.right, mapping, span)
-        new.op_span = span
-    elif isinstance(new, ast.Neg):
-        new.operand = _substitute(expr.operand, mapping, span)
-    elif isinstance(new, ast.ListLit):
-        new.items = [_substitute(i, mapping, span) for i in expr.items]
-    return new
 
 
 def merge_scopes(layers: list[tuple[Source, ast.Program]], overrides: dict[str, ast.Expr] | None,
@@ -645,14 +575,28 @@ def check(layers: list[tuple[Source, ast.Program]], overrides: dict[str, ast.Exp
     errors.extend(checker.errors)
     if errors:
         raise RecipeError(_dedupe(errors))
+    # Expand macros (an AST -> AST pass) and check the result again for the planner.
+    from datasel.dsl.macros import expand_macros
+
+    macro_of = {k: info.spec for k, info in checker.calls.items() if info.spec.role is Role.MACRO}
+    macro_of.update({k: spec for k, spec in checker.implicit.items() if spec.role is Role.MACRO})
+    bindings, target, macro_errors = expand_macros(bindings, target, macro_of)
+    if macro_errors:
+        raise RecipeError(_dedupe(macro_errors))
+    final = Checker(bindings, broken)
+    for name in list(bindings):
+        final.binding_type(name, None)
+    if target is not None:
+        final.expr(target, {})
+    if final.errors:  # a macro that expands to something invalid is a bug in its declaration
+        raise AssertionError("a macro expanded to an invalid expression:\n" + RecipeError(final.errors).format())
     return Checked(
         select=target,
         bindings=bindings,
-        types=checker.result_types,
-        calls=checker.calls,
-        implicit_calls=checker.implicit,
-        implicit_args=checker.implicit_args,
-        expansions=checker.expansions,
+        types=final.result_types,
+        calls=final.calls,
+        implicit_calls=final.implicit,
+        implicit_args=final.implicit_args,
         sources=[s for s, _ in layers],
     )
 

@@ -18,7 +18,6 @@ reuse every row computed before.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import sys
 import time
@@ -30,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from datasel.dsl.cache import Cache
+from datasel.dsl.cache import Cache, ReadOnlyCacheError
 from datasel.dsl.data import Dataset
 from datasel.dsl.plan import Node, Plan, digest
-from datasel.ops.context import NO_TEXT, Grouping, Selection, text_hash
-from datasel.ops.registry import Budget, Kind
+from datasel.dsl.progress import NullBar, Progress, duration
+from datasel.ops.contract import Budget, Grouping, Kind, Role, Selection
 
 
 #: Map results are persisted at least this often (seconds of work), and at most every chunk_rows records.
@@ -55,6 +54,10 @@ class OpError(Exception):
 
 class NotCached(Exception):
     """Raised in probe mode when a value would have to be computed."""
+
+
+#: Raised inside an op but not the op's fault: passed on as they are, not wrapped in an OpError.
+PASS_THROUGH = (OpError, KeyboardInterrupt, NotCached, ReadOnlyCacheError)
 
 
 @dataclass
@@ -83,7 +86,7 @@ class NodeStats:
 
     def to_json(self, node: Node) -> dict:
         status = self.status
-        if node.role == "map":
+        if node.role is Role.MAP:
             if self.rows_computed and self.rows_cached:
                 status = "partial"
             elif self.rows_computed:
@@ -104,109 +107,6 @@ class NodeStats:
             "applications": self.applications,
             "needed": self.needed,
         }
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, sec = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes}m{sec:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
-class Progress:
-    """Progress of long steps on stderr: a live line on a terminal, a line every ~30 s elsewhere.
-
-    On a terminal the line is redrawn in place; in a log (CI, ``nohup``) a
-    step prints a line when it starts, one about every ``interval`` seconds
-    (rows, rows/s, ETA) and one when it ends.  The rate and ETA count from the
-    end of the first batch, so loading a model does not distort them.  Silent
-    with ``--quiet``.
-    """
-
-    def __init__(self, enabled: bool, stream=None, *, interval: float = 30.0, tty: bool | None = None):
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled
-        self.tty = self.stream.isatty() if tty is None else tty
-        self.interval = interval
-
-    @contextmanager
-    def bar(self, total: int, desc: str, unit: str = "rows"):
-        if not self.enabled or total <= 0:
-            yield _NullBar()
-            return
-        task = _Task(self, total, desc, unit)
-        try:
-            yield task
-        finally:
-            task.close()
-
-    def line(self, text: str) -> None:
-        if self.enabled:
-            print(text, file=self.stream, flush=True)
-
-
-class _NullBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix_str(self, s: str) -> None:
-        pass
-
-
-class _Task:
-    """One step with a known amount of work (see :class:`Progress`)."""
-
-    def __init__(self, progress: Progress, total: int, desc: str, unit: str):
-        self.p, self.total, self.desc, self.unit = progress, total, desc, unit
-        self.done = 0
-        self.started = time.monotonic()
-        self.first: tuple[float, int] | None = None  # (time, rows) at the end of the first batch
-        self.last_shown = 0.0
-        self.postfix = ""
-        if not self.p.tty:
-            self.p.line(f"{desc}: {total:,} {unit} to compute")
-
-    def set_postfix_str(self, text: str) -> None:
-        self.postfix = text
-
-    def status(self) -> str:
-        text = f"{self.desc}: {self.done:,}/{self.total:,} {self.unit}"
-        now = time.monotonic()
-        if self.first is not None and now > self.first[0] and self.done > self.first[1]:
-            rate = (self.done - self.first[1]) / (now - self.first[0])
-            text += f", {rate:.3g} {self.unit}/s, ETA {_duration((self.total - self.done) / rate)}"
-        elif self.done < self.total:
-            text += ", ETA after the first batch"
-        return text + (f", {self.postfix}" if self.postfix else "")
-
-    def update(self, n: int = 1) -> None:
-        if n <= 0:
-            return
-        self.done += n
-        now = time.monotonic()
-        if self.first is None:
-            self.first = (now, self.done)
-        if self.p.tty:
-            if now - self.last_shown >= 0.2 or self.done >= self.total:
-                self.last_shown = now
-                self.p.stream.write("\r\033[K" + self.status())
-                self.p.stream.flush()
-        elif now - self.last_shown >= self.p.interval and self.done < self.total:
-            self.last_shown = now
-            self.p.line(self.status())
-
-    def close(self) -> None:
-        elapsed = time.monotonic() - self.started
-        if self.p.tty:
-            self.p.stream.write("\r\033[K")
-            self.p.stream.flush()
-        if self.done:
-            rate = f" ({self.done / elapsed:.3g} {self.unit}/s)" if elapsed > 0 else ""
-            self.p.line(f"{self.desc}: {self.done:,} {self.unit} in {_duration(elapsed)}{rate}")
 
 
 def _selection(indices: np.ndarray, pool: Dataset) -> Selection:
@@ -330,33 +230,36 @@ class Engine:
         memo_key = (node_id, bound)
         if memo_key in self._keys:
             return self._keys[memo_key]
-        if node.op == "dataset":
+        if node.role is Role.DATASET:
             ds = self.datasets.get(node.params["name"])
             key = ds.fingerprint if ds is not None else f"missing:{node.params['name']}"
-        elif node.op == "var":
+        elif node.role is Role.VARIABLE:
             key = env[node_id].key if node_id in env else f"var:{node_id}"
+        elif node.role is Role.CONST:
+            key = digest(node.op, node.params)
         else:
             parts = []
             for role, inp in zip(node.roles, node.inputs):
-                if node.role == "map" and role == "data":
+                if node.spec.maps_over == role:
                     continue  # map results are per record: the dataset is not part of the key
                 inp_node = self.plan.nodes[inp]
-                if (node.role == "value" and inp_node.kind is Kind.SELECTOR
+                if (node.role is Role.VALUE and inp_node.kind is Kind.SELECTOR
                         and all(v in env for v in inp_node.free_vars)):
                     # Models trained on a selection depend on the records' contents only.
                     parts.append((role, "content", self.selection(inp, env).content_key))
                     continue
-                if node.role == "value" and inp_node.op == "dataset" and inp_node.params["name"] in self.datasets:
+                if node.role is Role.VALUE and inp_node.role is Role.DATASET and inp_node.params["name"] in self.datasets:
                     ds = self.datasets[inp_node.params["name"]]
                     parts.append((role, "content", _selection(np.arange(len(ds)), ds).content_key))
                     continue
                 part = (role, self.key(inp, env))
-                if node.role != "map" and inp_node.role == "map" and "data" in inp_node.roles:
+                data = inp_node.input(inp_node.spec.maps_over) if inp_node.spec.maps_over else None
+                if node.role is not Role.MAP and data is not None:
                     # A map key leaves out the mapped dataset (per-record results are shared), so a
                     # consumer of per-record values of another dataset (similarity's target=embed(minilm,
                     # data=val)) adds that dataset's fingerprint: another --val is another result.
-                    data_node = self.plan.nodes[inp_node.inputs[inp_node.roles.index("data")]]
-                    if data_node.op == "dataset" and data_node.params["name"] != "pool":
+                    data_node = self.plan.nodes[data]
+                    if data_node.role is Role.DATASET and data_node.params["name"] != "pool":
                         part = part + (self.key(data_node.id, env),)
                 parts.append(part)
             body_key = None
@@ -364,10 +267,10 @@ class Engine:
                 inner = {k: v for k, v in env.items() if k != node.var}
                 body_key = self.key(node.body, inner)
             extra = None
-            if node.spec is not None and node.spec.key_fn is not None:
+            if node.spec.key_fn is not None:
                 try:
                     extra = node.spec.key_fn(**node.values)
-                except (KeyboardInterrupt, OpError):
+                except PASS_THROUGH:
                     raise
                 except Exception as exc:  # e.g. a model that is not installed
                     raise self._op_error(node, exc) from exc
@@ -388,23 +291,23 @@ class Engine:
 
     def _evaluate(self, node: Node, env: dict) -> Any:
         role = node.role
-        if node.op == "dataset":
+        if role is Role.DATASET:
             name = node.params["name"]
             if name not in self.datasets:
                 raise OpError(node, f"this recipe uses the '{name}' dataset; pass it with --{name} FILE")
             return self.datasets[name]
-        if node.op == "const":
+        if role is Role.CONST:
             return node.values["value"]
-        if node.op == "var":
+        if role is Role.VARIABLE:
             if node.id not in env:
                 raise OpError(node, "variable used outside its scope")
             return env[node.id]
-        if role == "map":
-            data = self.value(node.inputs[node.roles.index("data")], env)
+        if role is Role.MAP:
+            data = self.value(node.input(node.spec.maps_over), env)
             return Values(self, node, env, data, self.key(node.id, env))
-        if role == "scores":
+        if role is Role.SCORES:
             return Values(self, node, env, self._scores_dataset(node, env), self.key(node.id, env))
-        if role == "value":
+        if role is Role.VALUE:
             return self._evaluate_value(node, env)
         return self._evaluate_set(node, env)
 
@@ -413,9 +316,7 @@ class Engine:
 
     # ---------------------------------------------------- set-level results
     def _cacheable(self, node: Node) -> bool:
-        if not node.free_vars:
-            return True
-        return bool(node.spec is not None and node.spec.costly)
+        return not node.free_vars or node.spec.costly
 
     def _evaluate_set(self, node: Node, env: dict):
         key = self.key(node.id, env)
@@ -432,10 +333,10 @@ class Engine:
                 return cached
         if self.probe:
             # A dry run computes cheap selections from cached values, never costly ones, and writes nothing.
-            if node.spec is not None and node.spec.costly:
+            if node.spec.costly:
                 raise NotCached(node.id)
             return self._compute_set(node, env, key)
-        if node.spec is not None and node.spec.costly:
+        if node.spec.costly:
             with self.cache.lock(key):
                 cached = self._load_set(node, key, env)
                 if cached is not None:
@@ -499,33 +400,15 @@ class Engine:
         self.cache.put(key, arrays, info)
 
     def _compute_set(self, node: Node, env: dict, key: str):
-        op = node.op
-        if op in ("union", "intersect", "difference"):
-            left = self.selection(node.inputs[node.roles.index("left")], env)
-            right = self.selection(node.inputs[node.roles.index("right")], env)
-            with self._timed(node):
-                return _selection(_combine(op, left.indices, right.indices), self.pool)
-        if op == "restrict":
-            base = self.selection(node.inputs[0], env)
-            fixed = self.selection(node.inputs[1], env)
-            with self._timed(node):
-                keep = fixed.indices[np.isin(fixed.indices, base.indices)]
-                return _selection(keep, self.pool)
-        if op == "per_group":
-            return self._per_group(node, env)
-        if node.spec is not None and node.body is not None:
-            return self._iterate(node, env, key)
-        input_set = self.selection(node.inputs[0], env)
+        input_set = self.selection(node.input("input"), env)
         subset = np.sort(input_set.indices)
-        if op == "compare":
-            return self._compare(node, env, subset)
-        args = self._arguments(node, env)
+        args = self._arguments(node, env, key)
         args.update(self._group_budgets(node, env))
         ctx = RunContext(self, node, env, self.pool)
         with self._timed(node), self._announced(node, f"on {len(subset):,} records"):
             try:
                 result = node.spec.fn(ctx, subset, **args)
-            except (OpError, KeyboardInterrupt, NotCached):
+            except PASS_THROUGH:
                 raise
             except Exception as exc:
                 raise self._op_error(node, exc) from exc
@@ -539,82 +422,39 @@ class Engine:
             raise OpError(node, "returned indices outside its input or duplicated (a bug in the op)")
         return _selection(picks, self.pool)
 
-    def _compare(self, node: Node, env: dict, subset: np.ndarray) -> Selection:
-        scores = self.value(node.inputs[node.roles.index("scores")], env)
-        if compares_text(node):
-            present, match = self.text_matches(node, scores, subset)
-            return _selection(subset[present & match], self.pool)
-        values = np.asarray(scores.values(subset), dtype=np.float64)
-        if node.params["op"] in ("in", "not in"):
-            nan = np.isnan(values)
-            member = np.isin(values, np.asarray(node.values["rhs"], dtype=np.float64))
-            keep = member if node.params["op"] == "in" else ~member
-            return _selection(subset[keep & ~nan], self.pool)
-        if "rhs" in node.roles:
-            rhs_value = self.value(node.inputs[node.roles.index("rhs")], env)
-            rhs = rhs_value.values(subset) if isinstance(rhs_value, Values) else float(rhs_value)
-        else:
-            rhs = float(node.values["rhs"])
-        with self._timed(node):
-            nan = np.isnan(values) | (np.isnan(rhs) if isinstance(rhs, np.ndarray) else math.isnan(rhs))
-            with np.errstate(invalid="ignore"):
-                mask = _COMPARE[node.params["op"]](values, rhs) & ~nan
-        return _selection(subset[mask], self.pool)
+    def function(self, node: Node, env: dict, key: str, param):
+        """The callable an op receives for a function argument: it evaluates the body with the variable bound.
 
-    def text_matches(self, node: Node, scores: Values, subset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For a comparison with strings: (record has a value, the comparison holds) per row of ``subset``."""
-        hashes = np.asarray(scores.column("text_hash", subset))
-        present = hashes != NO_TEXT
-        rhs = node.values["rhs"]
-        wanted = np.frombuffer(b"".join(text_hash(v) for v in (rhs if isinstance(rhs, list) else [rhs])),
-                               dtype="S16")
-        hit = np.isin(hashes, wanted)
-        return present, (~hit if node.params["op"] in ("!=", "not in") else hit)
+        ``fn(selection, group=(sizes, position))``: ``group`` tells the body's
+        budgets how the groups of a partition share them.  With the parameter's
+        ``cache_calls``, each call's result is cached under the selection it was
+        given (an interrupted ``iterate`` resumes at the last finished round).
+        """
+        calls = [0]
 
-    def group_bindings(self, node: Node, env: dict):
-        """``(group label, members, env with the group variable bound)`` for every group of a per_group node."""
-        grouping = self.value(node.inputs[node.roles.index("partition")], env)
-        groups = list(grouping.groups())
-        sizes = tuple(len(members) for _, members in groups)
-        for position, (label, members) in enumerate(groups):
+        def call(selection: Selection, group: tuple | None = None) -> Selection:
             inner = dict(env)
-            group = _selection(members, self.pool)
-            # Percentage budgets inside the body are shared out over all groups (largest remainder).
-            self._groups[group.key] = (sizes, position)
-            inner[node.var] = group
-            yield label, members, inner
-
-    def _per_group(self, node: Node, env: dict) -> Selection:
-        picks = []
-        grouping = self.value(node.inputs[node.roles.index("partition")], env)
-        with self.progress.bar(len(np.unique(grouping.labels)), f"{node.label()} groups") as bar:
-            for _, _, inner in self.group_bindings(node, env):
-                picks.append(self.selection(node.body, inner).indices)
-                bar.update(1)
-        indices = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
-        return _selection(indices, self.pool)
-
-    def _iterate(self, node: Node, env: dict, key: str) -> Selection:
-        args = self._arguments(node, env)
-        current: Selection = args["init"]
-        rounds = int(args["rounds"])
-        for r in range(1, rounds + 1):
-            round_key = digest("round", key, r)
-            cached = self._load_set(node, round_key, None)
+            inner[node.var] = selection
+            if group is not None:
+                self._groups[selection.key] = group
+            if not param.cache_calls:
+                return self.selection(node.body, inner)
+            calls[0] += 1
+            call_key = digest("call", key, selection.key)
+            cached = self._load_set(node, call_key, None)
             if cached is not None:
-                current = cached
-                self.log(f"{node.label()}: round {r}/{rounds} cached ({len(current)} records)")
-                continue
-            inner = dict(env)
-            inner[node.var] = current
-            started = time.perf_counter()
-            current = self.selection(node.body, inner)
-            if self.probe:
-                continue
-            self._store_set(node, round_key, current)
-            self.log(f"{node.label()}: round {r}/{rounds} done in {time.perf_counter() - started:.1f}s "
-                     f"({len(current)} records)")
-        return current
+                self.log(f"{node.label()}: {param.scope} {calls[0]} from the cache ({len(cached)} records)")
+                return cached
+            result = self.selection(node.body, inner)
+            if not self.probe:
+                self._store_set(node, call_key, result)
+            return result
+
+        return call
+
+    def selection_of(self, indices) -> Selection:
+        """A selection of pool indices, with its identity."""
+        return _selection(indices, self.pool)
 
     def _group_budgets(self, node: Node, env: dict) -> dict[str, Budget]:
         """Percentage budgets of a selector applied directly to a partition's groups.
@@ -625,16 +465,17 @@ class Engine:
         number).  A selector that sees a filtered group (``P | (f < 1 |
         topk(s, 10%))``) uses ⌊10% × its input⌋ instead.
         """
-        if node.spec is None or not node.inputs:
+        source = node.input("input")
+        if source is None:
             return {}
-        var = self.plan.nodes[node.inputs[0]]
-        if var.op != "var" or var.params.get("scope") != "group" or node.inputs[0] not in env:
+        var = self.plan.nodes[source]
+        if var.role is not Role.VARIABLE or var.params.get("scope") != "group" or source not in env:
             return {}
-        info = self._groups.get(env[node.inputs[0]].key)
+        info = self._groups.get(env[source].key)
         if info is None:
             return {}
         sizes, position = info
-        if node.values.get("chunks", "exact") != "exact":
+        if not node.spec.shares_budget(node.values):
             return {}  # the op applies its own per-group rounding rule
         out = {}
         for p in node.spec.params:
@@ -657,7 +498,7 @@ class Engine:
 
     # ------------------------------------------------------------ values
     def _evaluate_value(self, node: Node, env: dict):
-        args = self._arguments(node, env)
+        args = self._arguments(node, env, None)
         ctx = RunContext(self, node, env, self.pool)
         stats = self.stats[node.id]
         stats.applications += 1
@@ -669,7 +510,7 @@ class Engine:
         with self._timed(node), self._announced(node, ""):
             try:
                 return node.spec.fn(ctx, **args)
-            except (OpError, KeyboardInterrupt, NotCached):
+            except PASS_THROUGH:
                 raise
             except Exception as exc:
                 raise self._op_error(node, exc) from exc
@@ -680,15 +521,18 @@ class Engine:
         args.update(self._group_budgets(node, env))
         return args
 
-    def _arguments(self, node: Node, env: dict) -> dict:
+    def _arguments(self, node: Node, env: dict, key: str | None = None) -> dict:
         spec = node.spec
         args: dict[str, Any] = {}
         for p in spec.params:
-            if spec.role == "map" and p.name == "data":
+            if p.name == spec.maps_over:
                 continue  # the mapped dataset reaches the op through ctx
+            if p.binds is not None:
+                if node.body is not None:
+                    args[p.name] = self.function(node, env, key or self.key(node.id, env), p)
+                continue
             if p.name in node.roles:
-                inp = node.inputs[node.roles.index(p.name)]
-                value = self.value(inp, env)
+                value = self.value(node.input(p.name), env)
                 if isinstance(value, Dataset) and p.kind is Kind.SELECTOR:
                     value = _selection(np.arange(len(value)), value)
                 if p.kind is Kind.BUDGET and isinstance(value, (int, float, np.integer, np.floating)):
@@ -704,13 +548,12 @@ class Engine:
     # ------------------------------------------------------------ map rows
     def _compute_rows(self, handle: Values, column: str, idx: np.ndarray) -> np.ndarray:
         node = handle.node
-        if node.role == "scores":
+        if node.role is Role.SCORES:
             return self._scores_rows(handle, idx)
         stats = self.stats[node.id]
         dataset = handle.dataset
         if len(idx) == 0:
-            width = node.spec.extra.get("width")
-            return np.zeros((0,) if width is None else (0, width))
+            return np.zeros((0,))
         store = self.cache.map_store(handle.key)
         found, where = store.locate(dataset.hashes[idx])
         found_before = found
@@ -764,7 +607,7 @@ class Engine:
                 with self._timed(node):
                     try:
                         out = spec.fn(ctx, part, **args)
-                    except (OpError, KeyboardInterrupt, NotCached):
+                    except PASS_THROUGH:
                         raise
                     except Exception as exc:
                         raise self._op_error(node, exc) from exc
@@ -787,22 +630,11 @@ class Engine:
 
     def _scores_rows(self, handle: Values, idx: np.ndarray) -> np.ndarray:
         node = handle.node
-        env = handle.env
-        if node.op == "arith":
-            left = self.value(node.inputs[0], env)
-            right = self.value(node.inputs[1], env)
-            a = left.values(idx) if isinstance(left, Values) else float(left)
-            b = right.values(idx) if isinstance(right, Values) else float(right)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                return _ARITH[node.params["op"]](np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))
-        if node.op == "neg":
-            inner = self.value(node.inputs[0], env)
-            return -np.asarray(inner.values(idx), dtype=np.float64)
-        args = self._arguments(node, env)
-        ctx = RunContext(self, node, env, handle.dataset)
+        args = self._arguments(node, handle.env)
+        ctx = RunContext(self, node, handle.env, handle.dataset)
         try:
             result = node.spec.fn(ctx, idx, **args)
-        except (OpError, KeyboardInterrupt, NotCached):
+        except PASS_THROUGH:
             raise
         except Exception as exc:
             raise self._op_error(node, exc) from exc
@@ -817,7 +649,7 @@ class Engine:
             return []
         node = handle.node
         out: list[str | None] = [None] * len(rows)
-        if node.role != "map":
+        if node.role is not Role.MAP:
             # A transform is NaN where an input is: blame the first input with no value.
             todo = np.ones(len(rows), dtype=bool)
             for inp in node.inputs:
@@ -832,7 +664,7 @@ class Engine:
             own = np.flatnonzero(todo)
             if len(own):
                 texts = None
-                if node.spec is not None and node.spec.why_missing is not None:
+                if node.spec.why_missing is not None:
                     ctx = RunContext(self, node, handle.env, handle.dataset)
                     texts = node.spec.why_missing(ctx, rows[own], **self._arguments(node, handle.env))
                 for pos, text in zip(own, texts or [f"{handle.label} is undefined for this record"] * len(own)):
@@ -841,7 +673,7 @@ class Engine:
         spec = node.spec
         texts = None
         if spec.why_missing is not None:
-            columns = {c: self._compute_rows(handle, c, rows) for c in spec.columns}
+            columns = {c: self._compute_rows(handle, c, rows) for c in spec.column_names}
             ctx = RunContext(self, node, handle.env, handle.dataset)
             texts = spec.why_missing(ctx, rows, columns, **self._arguments(node, handle.env))
         if texts is None:
@@ -853,14 +685,14 @@ class Engine:
     @contextmanager
     def _announced(self, node: Node, what: str):
         """A line when a costly set-level or value op starts and when it ends (none for cheap ones)."""
-        if node.spec is None or not node.spec.costly or node.free_vars:
+        if not node.spec.costly or node.free_vars:
             yield
             return
         label = node.names[0] if node.names else node.label()
         self.progress.line(f"{label}: running{' ' + what if what else ''}")
         started = time.monotonic()
         yield
-        self.progress.line(f"{label}: done in {_duration(time.monotonic() - started)}")
+        self.progress.line(f"{label}: done in {duration(time.monotonic() - started)}")
 
     @contextmanager
     def _timed(self, node: Node):
@@ -885,12 +717,6 @@ class Engine:
         return [self.stats[n.id].to_json(n) for n in self.plan.reachable()]
 
 
-def compares_text(node: Node) -> bool:
-    """Whether a compare node tests text (a string, or a list holding one) rather than numbers."""
-    rhs = node.values.get("rhs")
-    return isinstance(rhs, str) or (isinstance(rhs, list) and any(isinstance(v, str) for v in rhs))
-
-
 def largest_remainder(fraction, sizes) -> list[int]:
     """Split ⌊fraction × Σsizes⌋ over groups: ⌊fraction × n_g⌋ each, then +1 by largest remainder."""
     from fractions import Fraction
@@ -911,22 +737,6 @@ def _count_budget(node: Node, value) -> Budget:
     return Budget(count=int(value))
 
 
-def _combine(op: str, left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    if op == "union":
-        extra = right[~np.isin(right, left)]
-        return np.concatenate([left, extra])
-    if op == "intersect":
-        return left[np.isin(left, right)]
-    return left[~np.isin(left, right)]
-
-
-_COMPARE = {
-    "<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal,
-    "==": np.equal, "!=": np.not_equal,
-}
-_ARITH = {"+": np.add, "-": np.subtract, "*": np.multiply, "/": np.divide}
-
-
 class RunContext:
     """The ``ctx`` handed to op implementations (see :mod:`datasel.ops.context`)."""
 
@@ -935,7 +745,7 @@ class RunContext:
         self._node = node
         self._env = env
         self._dataset = dataset
-        self._bar = _NullBar()
+        self._bar = NullBar()
         self._advanced = 0
 
     @property
@@ -954,8 +764,17 @@ class RunContext:
     def quiet(self) -> bool:
         return self._engine.quiet
 
+    @property
+    def expression(self) -> str:
+        """What the recipe wrote for this node (whitespace collapsed), else its label."""
+        span = self._node.span
+        return " ".join(span.text.split()) if span is not None else self._node.label()
+
     def dataset(self, name: str = "pool") -> Dataset:
         return self._engine.datasets[name]
+
+    def selection(self, indices) -> Selection:
+        return self._engine.selection_of(indices)
 
     def records(self, idx, data: Dataset | None = None) -> list[dict]:
         ds = data or self._dataset

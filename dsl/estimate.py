@@ -23,9 +23,7 @@ from datasel.dsl.data import Dataset
 from datasel.dsl.engine import Engine, NotCached, RunContext
 from datasel.dsl.plan import Node, Plan
 from datasel.ops.context import Selection, Work
-from datasel.ops.registry import PER_RECORD, Budget, BudgetBound, Kind
-
-SET_ROLES = ("selector", "partition", "combine", "per_group")
+from datasel.ops.contract import PER_RECORD, SET_ROLES, Budget, BudgetBound, Kind, Role
 
 
 @dataclass
@@ -104,31 +102,27 @@ class Estimator:
     def run(self) -> PlanEstimate:
         pool = self.datasets.get("pool")
         for node in self.plan.reachable():
-            if node.free_vars or node.op in ("const", "var"):
+            if node.free_vars or node.role in (Role.CONST, Role.VARIABLE):
                 continue
-            if node.op == "dataset":
+            if node.role is Role.DATASET:
                 ds = self.datasets.get(node.params["name"])
                 if ds is not None:
                     self.rows[node.id] = Rows(np.arange(len(ds)))
                 continue
-            if node.role in SET_ROLES or (node.kind in (Kind.SELECTOR, Kind.PARTITION) and node.role != "value"):
+            if node.role in SET_ROLES:
                 self.set_node(node)
         for node in self.plan.reachable():
             if node.free_vars:
                 continue
-            if node.role == "map":
+            if node.role is Role.MAP:
                 self.map_node(node, pool)
-            elif node.role == "value" and node.spec is not None and node.spec.costly:
+            elif node.role is Role.VALUE and node.spec.costly:
                 self.value_node(node)
         return self.result
 
     def input_rows(self, node: Node) -> Rows | None:
-        if node.op == "per_group":
-            partition = self.plan.nodes[node.inputs[node.roles.index("partition")]]
-            return self.rows.get(partition.inputs[partition.roles.index("input")])
-        if "input" in node.roles:
-            return self.rows.get(node.inputs[node.roles.index("input")])
-        return None
+        source = node.input("input")
+        return self.rows.get(source) if source is not None else None
 
     def set_node(self, node: Node) -> None:
         rows = self.input_rows(node)
@@ -146,8 +140,8 @@ class Estimator:
         if result is not None:
             kept = result.subset if node.kind is Kind.PARTITION else result.indices
             self.rows[node.id] = Rows(kept)
-        elif node.op == "compare":
-            self.rows[node.id] = self.partial_compare(node, rows)
+        elif node.spec.filters_rows:
+            self.rows[node.id] = self.partial_filter(node, rows)
         else:
             self.rows[node.id] = Rows(rows.indices, exact=False, at_most=self.bound(node, rows))
         try:
@@ -156,14 +150,16 @@ class Estimator:
             cached = False
         self.result.nodes.setdefault(node.id, Estimate("hit" if cached else "miss"))
 
-    def partial_compare(self, node: Node, rows: Rows) -> Rows:
+    def partial_filter(self, node: Node, rows: Rows) -> Rows:
         """A filter over partly cached scores: exact for the cached rows, "maybe" for the others."""
         known = np.ones(len(rows.indices), dtype=bool)
         for nid in self.per_record_inputs(node):
             known &= self.cached_mask(nid, rows.indices)
         try:
-            passed = self.engine._compare(node, {}, rows.indices[known]).indices
-        except (NotCached, Exception):
+            args = self.engine.arguments(node, {})
+            ctx = RunContext(self.engine, node, {}, self.engine.pool)
+            passed = np.asarray(node.spec.fn(ctx, rows.indices[known], **args), dtype=np.int64)
+        except Exception:
             return Rows(rows.indices, exact=False, at_most=rows.at_most)
         maybe = rows.indices[~known]
         return Rows(np.concatenate([passed, maybe]), exact=False, at_most=len(passed) + len(maybe))
@@ -171,7 +167,7 @@ class Estimator:
     def cached_mask(self, node_id: str, idx: np.ndarray) -> np.ndarray:
         """Per row of ``idx``: whether every map op behind this per-record value has it cached."""
         node = self.plan.nodes[node_id]
-        if node.role == "map":
+        if node.role is Role.MAP:
             try:
                 key = self.engine.key(node_id, {})
             except Exception:
@@ -214,7 +210,7 @@ class Estimator:
             if ds is None:
                 return
             rows = Rows(np.arange(len(ds)))  # per-record values of another dataset are read whole
-        if node.role == "map":
+        if node.role is Role.MAP:
             self.requests.setdefault(node_id, []).append(rows)
             return
         for nid in node.inputs:
@@ -284,8 +280,8 @@ class Estimator:
         spec = node.spec
         args = {}
         for p in spec.params:
-            if spec.role == "map" and p.name == "data":
-                continue  # the mapped dataset reaches the op through ctx
+            if p.name == spec.maps_over or p.binds is not None:
+                continue  # the mapped dataset reaches the op through ctx; functions are not resolved
             if p.name in node.roles:
                 value = self.resolve(node.inputs[node.roles.index(p.name)])
             elif p.name in node.values:
@@ -324,7 +320,7 @@ def estimate(plan: Plan, datasets: dict[str, Dataset], cache: Cache) -> PlanEsti
 
 def format_work(work: Work, exact: bool = True) -> str:
     """``569 records, 71,234 tokens forward, ≈ 3m10s`` (``at most ...`` when only a bound is known)."""
-    from datasel.dsl.engine import _duration
+    from datasel.dsl.progress import duration as _duration
 
     parts = [f"{work.records:,} records"]
     if work.tokens:

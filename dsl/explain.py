@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from datasel.dsl.plan import Plan
+from datasel.ops.contract import Role
 
 _CACHE_WORDS = {"hit": "cached", "partial": "partly cached", "miss": "to compute", None: ""}
 
@@ -34,7 +35,7 @@ def to_json(plan: Plan, cache_state: dict[str, dict] | None = None) -> dict:
             entry["cached_fraction"] = state["fraction"]
         if node.body:
             entry["body"] = node.body
-            entry["var"] = node.var
+            entry["variable"] = node.var
         if node.free_vars:
             entry["per"] = sorted(plan.nodes[v].params["scope"] for v in node.free_vars)
         nodes.append(entry)
@@ -53,9 +54,11 @@ def to_text(plan: Plan, cache_state: dict[str, dict] | None = None, title: str =
         refs = []
         for role, inp in zip(node.roles, node.inputs):
             target = plan.nodes[inp]
-            if target.op == "const" and role in ("left", "right", "rhs", "operand"):
+            if target.role is Role.CONST:
                 refs.append(f"{role}={json.dumps(target.params['value'])}")
-            elif role == "data" and target.op == "dataset" and target.params["name"] == "pool":
+            elif role == node.spec.maps_over and target.role is Role.DATASET and target.params["name"] == "pool":
+                continue
+            elif target.role is Role.VARIABLE and role == "of":
                 continue
             else:
                 refs.append(f"{role}=#{number[inp]}")
@@ -95,7 +98,7 @@ def to_text(plan: Plan, cache_state: dict[str, dict] | None = None, title: str =
             else:
                 total += work["seconds"]
     if any(state.get("work") for state in (cache_state or {}).values()):
-        from datasel.dsl.engine import _duration
+        from datasel.dsl.progress import duration as _duration
 
         bound = "at most " if bounded else ""
         lines.append(f"model work left on this pool: {bound}about {_duration(total)}"

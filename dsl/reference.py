@@ -5,14 +5,19 @@ from __future__ import annotations
 import textwrap
 
 from datasel.ops import registry as reg
+from datasel.ops.contract import Role
 
 ROLE_WORDS = {
-    "map": "per record, cached per record, computed only for the rows that reach it",
-    "scores": "per record, recomputed on demand (cheap)",
-    "selector": "a selector: applied to the records that reach it",
-    "partition": "a partition: groups the records that reach it",
-    "value": "a value computed once per run",
-    "macro": "defined as an expression over other operators (shown by `datasel compile`), whose parts are shared",
+    Role.MAP: "per record, cached per record, computed only for the rows that reach it",
+    Role.SCORES: "per record, recomputed on demand (cheap)",
+    Role.SELECTOR: "a selector: applied to the records that reach it",
+    Role.PARTITION: "a partition: groups the records that reach it",
+    Role.SET_SCORES: "per record, computed for the records that reach it together and cached whole",
+    Role.VALUE: "a value computed once per run",
+    Role.MACRO: "defined as an expression over other operators (shown by `datasel compile`), whose parts are shared",
+    Role.DATASET: "a leaf of every plan: a dataset from the command line, identified by its content",
+    Role.CONST: "a leaf of a plan: a literal",
+    Role.VARIABLE: "a variable bound while the plan runs",
 }
 
 

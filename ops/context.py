@@ -18,120 +18,12 @@ Arguments arrive as run-time values:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-
-@dataclass
-class Selection:
-    """Chosen pool indices in selection order."""
-
-    indices: np.ndarray
-    key: str  # identity of this selection (pool fingerprint + indices)
-    content_key: str  # identity of the selected records' contents only
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-@dataclass
-class Grouping:
-    """A partition of ``subset`` (sorted pool indices) into groups ``labels``."""
-
-    subset: np.ndarray
-    labels: np.ndarray
-    key: str
-
-    def groups(self):
-        """(label, member indices) for every non-empty group, by label."""
-        order = np.argsort(self.labels, kind="stable")
-        labels = self.labels[order]
-        members = self.subset[order]
-        bounds = np.flatnonzero(np.diff(labels)) + 1
-        for chunk_labels, chunk in zip(np.split(labels, bounds), np.split(members, bounds)):
-            if len(chunk):
-                yield int(chunk_labels[0]), chunk
-
-
-def text_hash(value: Any) -> bytes:
-    """The 16-byte identity of a per-record text value, for ``==``, ``!=`` and ``in`` against strings.
-
-    Ops whose values are also text (``field``) store it as a ``text_hash``
-    column (zeros where the record has no value); the engine hashes the
-    recipe's string the same way.  Strings hash as themselves, other JSON
-    values as their compact JSON text.
-    """
-    import hashlib
-    import json
-
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"),
-                                                           sort_keys=True)
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-
-
-NO_TEXT = bytes(16)
-
-
-@dataclass
-class Work:
-    """What an op will do for some records, before it runs (``datasel compile --pool``).
-
-    ``tokens`` go forward through a model, ``backward_tokens`` also backward
-    (training); ``steps`` are optimizer steps; ``seconds`` is a rough time from
-    a rate measured once on this machine (None when no rate is known).
-    """
-
-    records: int = 0
-    tokens: int = 0
-    backward_tokens: int = 0
-    steps: int = 0
-    generated_tokens: int = 0
-    seconds: float | None = None
-    note: str = ""
-
-    def scaled(self, factor: float) -> "Work":
-        """This work for ``factor`` times as many records (an upper bound taken from a superset)."""
-        def s(x):
-            return int(round(x * factor))
-        return Work(s(self.records), s(self.tokens), s(self.backward_tokens), s(self.steps),
-                    s(self.generated_tokens), None if self.seconds is None else self.seconds * factor, self.note)
-
-
-@dataclass
-class Verdict:
-    """How a selector treated each record of its input: the funnel's and ``datasel why``'s raw material.
-
-    ``case[i]`` indexes ``notes``: one ``(kept, reason, text)`` triple per kind
-    of outcome, where ``reason`` is the short category the funnel counts
-    ("below the cut-off") and ``text`` a template formatted per record with
-    the values of that row (``"{scores} = {score:.4g}, rank {rank} of {n}"``).
-    ``values`` holds arrays aligned with the input rows; a value named
-    ``record`` holds pool indices, shown as the record's file position.
-    Built by an op's ``explain`` hook after the run (from cached values, so
-    a cached rerun explains the same way) or from ``ctx.exclude`` calls.
-    """
-
-    notes: list[tuple[bool, str, str]]
-    case: np.ndarray
-    values: dict[str, Any]
-
-    def text(self, row: int, render_record=None) -> str:
-        """The note of input row ``row`` with its values filled in."""
-        _, _, template = self.notes[int(self.case[row])]
-        fields = {}
-        for name, column in self.values.items():
-            value = column if np.ndim(column) == 0 and not isinstance(column, (list, tuple)) else column[row]
-            if name == "record" and render_record is not None and value is not None:
-                value = render_record(int(value))
-            elif isinstance(value, np.generic):
-                value = value.item()
-            fields[name] = value
-        try:
-            return template.format(**fields)
-        except (KeyError, ValueError, TypeError, IndexError):
-            return template
+# Run-time values are part of the contract; re-exported here for op modules.
+from datasel.ops.contract import NO_TEXT, Grouping, Selection, Verdict, Work, text_hash  # noqa: F401
 
 
 class OpContext(Protocol):

@@ -11,6 +11,7 @@ import re
 import numpy as np
 
 from datasel.ops.context import Verdict
+from datasel.ops.contract import E
 from datasel.ops.registry import Kind, Param, macro, op
 from datasel.ops.scores import TEXT_FIELDS, record_text
 
@@ -416,13 +417,13 @@ def dedup_near(features=None, threshold=None, field=None, shingle=None, num_perm
         if given_minhash:
             raise ValueError(f"{', '.join(given_minhash)} only appl{'y' if len(given_minhash) > 1 else 'ies'} "
                              "to MinHash (without features); with features the records are compared by cosine")
-        args = ["{features}"] + [f"{name}={{{name}}}" for name, v in (("threshold", threshold), ("index", index))
-                                 if v is not None]
-        return "dedup_cosine(" + ", ".join(args) + ")"
+        options = {name: E.arg(name) for name, v in (("threshold", threshold), ("index", index)) if v is not None}
+        return E.call("dedup_cosine", E.arg("features"), **options)
     if index is not None:
         raise ValueError("index only applies to embeddings (features=...); MinHash candidates come from LSH")
     for name, value, low in (("shingle", shingle, 1), ("num_perm", num_perm, 8), ("seed", seed, 0)):
         if value is not None and literal(value):
             _whole(value, name, low)
-    signatures = "minhash(" + ", ".join(f"{name}={{{name}}}" for name in given_minhash) + ")"
-    return f"dedup_minhash({signatures}" + (", threshold={threshold})" if threshold is not None else ")")
+    signatures = E.call("minhash", **{name: E.arg(name) for name in given_minhash})
+    options = {"threshold": E.arg("threshold")} if threshold is not None else {}
+    return E.call("dedup_minhash", signatures, **options)

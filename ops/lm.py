@@ -21,6 +21,7 @@ import numpy as np
 from datasel.ops.algos import templates as T
 from datasel.ops.algos import uncertainty as U
 from datasel.ops.context import Work
+from datasel.ops.contract import E
 from datasel.ops.registry import Kind, Param, Ref, macro, op
 
 TEMPLATE_NAMES = tuple(T.TEMPLATES)
@@ -184,8 +185,8 @@ def ppl(model=None, given=None, template=None, max_length=None, eos=None, target
 
     Shares its cached passes with ``loss``.
     """
-    return ("exp(loss({model}, given={given}, template={template}, max_length={max_length}, eos={eos}, "
-            "target={target}))")
+    return E.call("exp", E.call("loss", E.arg("model"), given=E.arg("given"), template=E.arg("template"),
+                                max_length=E.arg("max_length"), eos=E.arg("eos"), target=E.arg("target")))
 
 
 @macro("ifd", [_model_param(),
@@ -211,14 +212,13 @@ def ifd(model=None, kind="loss", template=None, max_length=None, direct="none", 
     budget) and are separate cached nodes, shared with ``loss``/``ppl``.
     Records without scorable tokens, or a zero direct loss, get NaN.
     """
-    cond = ("loss({model}, given=\"prompt\", template={template}, max_length={max_length}, "
-            "direct_bos={direct_bos})")
-    direct_pass = ("loss({model}, given=\"" + direct + "\", template={template}, max_length={max_length}, "
-                   "direct_bos={direct_bos}, slack={slack})")
+    common = dict(template=E.arg("template"), max_length=E.arg("max_length"), direct_bos=E.arg("direct_bos"))
+    cond = E.call("loss", E.arg("model"), given="prompt", **common)
+    direct_pass = E.call("loss", E.arg("model"), given=direct, slack=E.arg("slack"), **common)
     if kind == "loss":
-        return f"ratio({cond}, {direct_pass})"
+        return E.call("ratio", cond, direct_pass)
     if kind == "ppl":
-        return f"exp({cond} - {direct_pass})"
+        return E.call("exp", E.op("-", cond, direct_pass))
     raise ValueError(f'kind must be "loss" or "ppl", written literally; got {kind!r}')
 
 
@@ -242,12 +242,13 @@ def lp(run=None, epoch=1, approx=False, epochs=3, template=None, max_length=None
     if not 1 <= e <= last:
         raise ValueError(f"epoch must be between 1 and epochs ({last}), got {e}")
 
-    def p(i: int) -> str:
-        return (f"ppl(checkpoint({{run}}, {i}), template={{template}}, max_length={{max_length}}, eos=true)")
+    def p(i: int):
+        return E.call("ppl", E.call("checkpoint", E.arg("run"), i), template=E.arg("template"),
+                      max_length=E.arg("max_length"), eos=True)
 
     if approx:
-        return f"ratio({p(0)} - {p(1)}, {p(0)})"
-    return f"ratio({p(e - 1)} - {p(e)}, {p(0)} - {p(last)})"
+        return E.call("ratio", E.op("-", p(0), p(1)), p(0))
+    return E.call("ratio", E.op("-", p(e - 1), p(e)), E.op("-", p(0), p(last)))
 
 
 # ------------------------------------------------------------ features
@@ -320,8 +321,9 @@ def uncertainty(model=None, kind="min_margin", template=None, max_new_tokens=Non
     """
     if kind not in UNCERTAINTY_KINDS:
         raise ValueError(f"kind must be one of {', '.join(UNCERTAINTY_KINDS)}, written literally")
-    return (f"column(generation_stats({{model}}, template={{template}}, max_new_tokens={{max_new_tokens}}, "
-            f"max_prompt_length={{max_prompt_length}}), \"{kind}\")")
+    return E.call("column", E.call("generation_stats", E.arg("model"), template=E.arg("template"),
+                                   max_new_tokens=E.arg("max_new_tokens"),
+                                   max_prompt_length=E.arg("max_prompt_length")), kind)
 
 
 # ------------------------------------------------------------ training

@@ -1,19 +1,20 @@
 """The one place every operator is declared.
 
-An operator is declared once, with :func:`op`, next to its implementation.  The
-declaration (name, parameters with kinds and defaults, result kind, role,
-version, docstring) is read by the checker (argument checking and "did you
-mean"), the planner (canonical parameters, node identity), the cache (the
-version is part of every cache key), ``datasel ops`` and the generated docs.
+An operator is declared once, with :func:`op` (or :func:`macro`), next to its
+implementation.  The declaration (:class:`~datasel.ops.contract.OpSpec`:
+parameters, result kind, role, output columns, resources, hooks, version) is
+read by the checker, the planner, the engine, the cache keys, ``datasel ops``
+and the generated docs; nothing else in datasel knows an operator by name.
 
-Roles say how the engine calls an implementation:
+Roles (:class:`~datasel.ops.contract.Role`) say how the engine calls an implementation:
 
 ``map``
-    One output per record of a dataset, cached per record by content hash and
-    evaluated lazily for whatever rows a consumer asks for.
-    ``fn(ctx, idx, **args) -> ndarray | dict[str, ndarray]`` (rows aligned with
-    ``idx``, indices into the mapped dataset).  Every map op gets an implicit
-    ``data=pool`` parameter choosing the dataset it maps over.
+    One output per record of a dataset (the op's ``maps_over`` parameter,
+    ``data=pool`` unless given), cached per record by content hash and
+    evaluated lazily for whatever rows a consumer asks for.  ``setup(args,
+    resources) -> state`` runs once per worker (load a model, a tokenizer); the
+    decorated ``compute(state, batch) -> ndarray | dict[str, ndarray]`` is pure:
+    rows aligned with ``batch.records``, one array per declared column.
 ``scores``
     A cheap per-row transform of other values (``rank``, ``zscore``, arithmetic),
     recomputed on demand and never cached: ``fn(ctx, idx, **args) -> ndarray``.
@@ -24,227 +25,68 @@ Roles say how the engine calls an implementation:
 ``partition``
     A grouping of a subset: ``fn(ctx, subset, **args) -> int64 labels`` aligned
     with ``subset``.
+``set_scores``
+    Per-record Scores of a subset that depend on which records are scored
+    together: ``fn(ctx, subset, **args) -> float ndarray`` aligned with
+    ``subset``, cached whole.
 ``value``
     Anything else computed once per run (a model, a number, a checkpoint
     series): ``fn(ctx, **args) -> object``.
+``dataset``, ``const``, ``variable``
+    The leaves of a plan (see :mod:`datasel.ops.builtins`).
+``macro``
+    An expression over other operators (``ifd`` is a ratio of two ``loss`` passes).
+
+A function argument (``iterate``'s ``step``, ``per_group``'s body) arrives as a
+callable: calling it with a selection evaluates the bound expression with the
+variable bound to that selection.
 """
 
 from __future__ import annotations
 
-import enum
+import ast
+import functools
+import hashlib
+import importlib
 import inspect
+import re
 import textwrap
-from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any, Callable, Iterable
 
+# The language's types live in the contract; they are re-exported here for op modules.
+from datasel.ops.contract import (  # noqa: F401
+    NO_TEXT,
+    PER_RECORD,
+    SET_FUNCTIONS,
+    SET_ROLES,
+    Batch,
+    Budget,
+    BudgetBound,
+    Column,
+    Grouping,
+    Kind,
+    OpSpec,
+    Param,
+    Ref,
+    Resources,
+    Role,
+    Selection,
+    Verdict,
+    Work,
+    accepts,
+    format_value,
+    kind_name,
+    text_hash,
+)
 
-class Kind(enum.Enum):
-    """The shapes of values in the language (docs/language.md, "Kinds of values")."""
-
-    DATASET = "Dataset"
-    MODEL = "Model"
-    FEATURES = "Features"
-    SCORES = "Scores"
-    LABELS = "Labels"
-    PARTITION = "Partition"
-    SELECTOR = "Selector"
-    BUDGET = "Budget"
-    NUMBER = "Number"
-    STRING = "String"
-    BOOL = "Bool"
-    LIST = "List"
-    NONE = "None"
-    FUNCTION = "Function"
-    ANY = "Any"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-#: Kinds whose values are per-record and therefore tied to one dataset.
-PER_RECORD = frozenset({Kind.FEATURES, Kind.SCORES, Kind.LABELS})
-
-#: Kinds that are functions of a subset of the pool.
-SET_FUNCTIONS = frozenset({Kind.SELECTOR, Kind.PARTITION})
-
-
-def accepts(expected: Kind | tuple[Kind, ...], got: Kind) -> bool:
-    """Whether a value of kind ``got`` may be passed where ``expected`` is declared."""
-    if isinstance(expected, tuple):
-        return any(accepts(e, got) for e in expected)
-    if expected is Kind.ANY or got is Kind.ANY:
-        return True
-    if expected is got:
-        return True
-    # A whole number is a budget (an absolute count).
-    if expected is Kind.BUDGET and got is Kind.NUMBER:
-        return True
-    return False
-
-
-def kind_name(kinds: Kind | tuple[Kind, ...]) -> str:
-    """Human-readable name of a declared kind or union of kinds."""
-    if isinstance(kinds, tuple):
-        names = [str(k) for k in kinds]
-        return " or ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " or " + names[-1]
-    return str(kinds)
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How many records a selector keeps.
-
-    ``count`` is an absolute number; ``fraction`` is a share of the selector's
-    input (of each group under a partition) or, with ``of_pool``, of the whole
-    pool.  Fractions round down, as ``int(n * rate)`` does in the reference code.
-    """
-
-    count: int | None = None
-    fraction: Fraction | None = None
-    of_pool: bool = False
-
-    def resolve(self, n_input: int, n_pool: int) -> int:
-        """The number of records to keep from an input of ``n_input`` records."""
-        if self.count is not None:
-            return min(self.count, n_input)
-        base = n_pool if self.of_pool else n_input
-        return min(int(self.fraction * base), n_input)
-
-    def canonical(self) -> str:
-        if self.count is not None:
-            return str(self.count)
-        pct = self.fraction * 100
-        text = str(pct.numerator) if pct.denominator == 1 else format(float(pct), "g")
-        return f"{text}%" + (" of pool" if self.of_pool else "")
-
-    def __str__(self) -> str:
-        return self.canonical()
-
-
-@dataclass(frozen=True)
-class BudgetBound:
-    """``min(a, b, ...)`` or ``max(a, b, ...)`` of budgets, each resolved against the same input."""
-
-    combine: str  # "min" or "max"
-    parts: tuple
-
-    count = None  # not a plain count: resolved per input like a fraction
-    fraction = None
-    of_pool = False
-
-    def resolve(self, n_input: int, n_pool: int) -> int:
-        values = [p.resolve(n_input, n_pool) for p in self.parts]
-        return min(values) if self.combine == "min" else max(values)
-
-    def canonical(self) -> str:
-        return f"{self.combine}({', '.join(p.canonical() for p in self.parts)})"
-
-    def __str__(self) -> str:
-        return self.canonical()
-
-
-_MISSING = object()
-
-
-@dataclass(frozen=True)
-class Ref:
-    """A parameter default that names a binding, e.g. ``model``: resolved in the recipe's scope.
-
-    ``--set model=...`` therefore changes every operator whose model defaults to ``model``.
-    """
-
-    name: str
-
-    def __str__(self) -> str:
-        return self.name
-
-
-@dataclass(frozen=True)
-class Param:
-    """One declared parameter of an operator."""
-
-    name: str
-    kind: Kind | tuple[Kind, ...]
-    default: Any = _MISSING
-    doc: str = ""
-    choices: tuple | None = None
-
-    @property
-    def required(self) -> bool:
-        return self.default is _MISSING
-
-    def signature(self) -> str:
-        text = f"{self.name}: {kind_name(self.kind)}"
-        if not self.required:
-            text += f" = {format_value(self.default)}"
-        return text
-
-
-def format_value(value: Any) -> str:
-    """Render a default or parameter value as it would be written in a recipe."""
-    if value is None:
-        return "none"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, Budget):
-        return value.canonical()
-    if isinstance(value, Ref):
-        return value.name
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(format_value(v) for v in value) + "]"
-    if isinstance(value, float) and value.is_integer():
-        return repr(value)
-    return str(value)
-
-
-@dataclass
-class OpSpec:
-    """The declaration of one operator; see the module docstring for roles."""
-
-    name: str
-    params: tuple[Param, ...]
-    result: Kind
-    role: str
-    version: str
-    doc: str
-    fn: Callable[..., Any]
-    family: str = ""
-    costly: bool = False
-    chunk_rows: int = 4096
-    columns: tuple[str, ...] = ("value",)
-    key_fn: Callable[..., str] | None = None
-    expand: Callable[..., str] | None = None
-    explain: Callable[..., Any] | None = None
-    why_missing: Callable[..., list] | None = None
-    cost: Callable[..., Any] | None = None
-    extra: dict = field(default_factory=dict)
-
-    def param(self, name: str) -> Param | None:
-        for p in self.params:
-            if p.name == name:
-                return p
-        return None
-
-    def signature(self) -> str:
-        return f"{self.name}({', '.join(p.signature() for p in self.params)}) -> {self.result}"
-
-    @property
-    def summary(self) -> str:
-        return self.doc.strip().splitlines()[0] if self.doc.strip() else ""
-
-    @property
-    def all_optional(self) -> bool:
-        return all(not p.required for p in self.params)
-
-
-ROLES = ("map", "scores", "selector", "partition", "value", "macro")
+ROLES = tuple(r.value for r in Role)
 
 _REGISTRY: dict[str, OpSpec] = {}
+_PLANNED: dict[str, str] = {}
+
+
+def _columns(columns) -> tuple[Column, ...]:
+    return tuple(c if isinstance(c, Column) else Column(str(c)) for c in columns)
 
 
 def op(
@@ -252,72 +94,101 @@ def op(
     params: Iterable[Param],
     result: Kind,
     *,
-    role: str,
+    role: Role | str,
     version: str,
     family: str = "",
     costly: bool = False,
     chunk_rows: int = 4096,
-    columns: tuple[str, ...] = ("value",),
+    columns: Iterable[Column | str] = ("value",),
+    setup: Callable[..., Any] | None = None,
+    resources: Resources = Resources(),
     key_fn: Callable[..., str] | None = None,
     explain: Callable[..., Any] | None = None,
     why_missing: Callable[..., list] | None = None,
     cost: Callable[..., Any] | None = None,
-    **extra: Any,
+    partition_budget: Callable[..., bool] | None = None,
+    label: Callable[..., str] | None = None,
+    syntax: tuple[str, ...] = (),
+    filters_rows: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Declare the decorated function as the implementation of operator ``name``.
 
     ``version`` must change whenever the op's results change: it is part of
-    every cache key.  ``costly`` ops have their results cached even when they
-    run once per group or per iteration round.  Map ops may return several
-    named ``columns`` per record.  ``key_fn(**params) -> str``, called with
-    the op's literal parameter values, adds a string to the op's run-time
-    cache key, for any role: a model's content fingerprint, or the digest of
-    the template an op renders (so editing the template's text invalidates
-    the results).
+    every cache key, together with a fingerprint of the op's code (the
+    decorated function, ``setup``, ``key_fn`` and the algorithm modules they
+    name), so an edit to the code cannot silently reuse stale results.
+    ``costly`` ops have their results cached even when they run once per group
+    or per iteration round.  Map ops may return several ``columns`` per record
+    (``Column(name, ragged=True)`` for a list per record); ``resources`` says
+    what one worker needs.  ``key_fn(**params) -> str``, called with the op's
+    literal parameter values, adds a string to the op's run-time cache key, for
+    any role: a model's content fingerprint, or the digest of the template an
+    op renders.  ``partition_budget(**args) -> bool`` says whether percentage
+    budgets directly under a partition are shared out over the groups (the
+    default) or applied by the op itself.
 
-    Accounting hooks (both optional, both run after the op from cached values):
+    Hooks that run after (or before) the op, from cached values:
     ``explain(ctx, subset, kept, **args) -> Verdict`` says, for a selector,
     why each input record was kept or dropped (default: "not picked");
     ``why_missing`` says why a per-record value is NaN — for a map op
     ``why_missing(ctx, idx, columns, **args)`` with the stored ``columns`` of
-    those rows, for a scores transform ``why_missing(ctx, idx, **args)``.
-
+    those rows, for a scores transform ``why_missing(ctx, idx, **args)``;
     ``cost(ctx, idx, **args) -> Work`` estimates, before anything runs, the
     model work of computing rows ``idx`` (a map op) or of the op itself (a
-    value op such as ``finetune``, called with ``idx=None``): records, tokens,
-    steps and a rough time (``datasel compile --pool``).
+    value op such as ``finetune``, called with ``idx=None``).
     """
-    if role not in ROLES:
-        raise ValueError(f"unknown role {role!r} for op {name}")
+    role = Role(role)
     params = tuple(params)
-    if role == "map" and not any(p.name == "data" for p in params):
-        params = params + (Param("data", Kind.DATASET, "pool", "the dataset to compute this for"),)
+    maps_over = None
+    if role is Role.MAP:
+        maps_over = "data"
+        if not any(p.name == "data" for p in params):
+            params = params + (Param("data", Kind.DATASET, "pool", "the dataset to compute this for"),)
 
     def register(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"op {name!r} declared twice")
         doc = textwrap.dedent(inspect.getdoc(fn) or "").strip()
         _REGISTRY[name] = OpSpec(
-            name=name,
-            params=params,
-            result=result,
-            role=role,
-            version=version,
-            doc=doc,
-            fn=fn,
-            family=family or fn.__module__.rsplit(".", 1)[-1],
-            costly=costly,
-            chunk_rows=chunk_rows,
-            columns=columns,
-            key_fn=key_fn,
-            explain=explain,
-            why_missing=why_missing,
-            cost=cost,
-            extra=extra,
+            name=name, params=params, result=result, role=role, version=version, doc=doc, fn=fn,
+            family=family or fn.__module__.rsplit(".", 1)[-1], costly=costly, chunk_rows=chunk_rows,
+            columns=_columns(columns), setup=setup, resources=resources, maps_over=maps_over, key_fn=key_fn,
+            explain=explain, why_missing=why_missing, cost=cost, partition_budget=partition_budget, label=label,
+            syntax=tuple(syntax), filters_rows=filters_rows, fingerprint=code_fingerprint(fn, setup, key_fn),
         )
         return fn
 
     return register
+
+
+def macro(name: str, params: Iterable[Param], result: Kind, *, version: str, family: str = "") -> Callable:
+    """Declare an operator defined by an expression over other operators.
+
+    The decorated function receives the call's literal arguments (defaults
+    filled in; a non-literal argument as :data:`NOT_LITERAL`) and returns the
+    expression it stands for, built with :mod:`datasel.ops.expr`
+    (``E.call("ratio", ...)``), where ``E.arg("model")`` stands for the
+    argument's own expression.  The macro pass expands it before checking, so
+    the pieces are shared with every other use: ``ifd(model)`` and
+    ``loss(model, given="none")`` in one recipe compute the direct pass once.
+    """
+    params = tuple(params)
+
+    def register(fn: Callable) -> Callable:
+        if name in _REGISTRY:
+            raise ValueError(f"op {name!r} declared twice")
+        doc = textwrap.dedent(inspect.getdoc(fn) or "").strip()
+        _REGISTRY[name] = OpSpec(name=name, params=params, result=result, role=Role.MACRO, version=version,
+                                 doc=doc, fn=fn, family=family or fn.__module__.rsplit(".", 1)[-1], expand=fn,
+                                 fingerprint=code_fingerprint(fn))
+        return fn
+
+    return register
+
+
+def planned(name: str, arrives_with: str) -> None:
+    """Declare a name that later work will add: using it gives "not available yet: it arrives with ..."."""
+    _PLANNED[name] = arrives_with
 
 
 def registry() -> dict[str, OpSpec]:
@@ -332,23 +203,93 @@ def get(name: str) -> OpSpec | None:
     return registry().get(name)
 
 
-def macro(name: str, params: Iterable[Param], result: Kind, *, version: str, family: str = "") -> Callable:
-    """Declare an operator defined by an expression over other operators.
+def planned_names() -> dict[str, str]:
+    """Names of operators still to come, and what brings them."""
+    registry()
+    return dict(_PLANNED)
 
-    The decorated function receives the call's literal arguments (defaults
-    filled in) and returns recipe text in which ``{param}`` stands for that
-    argument's expression.  The planner plans the expansion, so the pieces
-    are shared with every other use: ``ifd(model)`` and ``loss(model,
-    given="none")`` in one recipe compute the direct pass once.
+
+def for_syntax(symbol: str) -> list[OpSpec]:
+    """The built-in operators a piece of the language's syntax means (``"&"``, ``"<"``, ``"|group"``)."""
+    return [spec for spec in registry().values() if symbol in spec.syntax]
+
+
+# ------------------------------------------------------------------ code fingerprints
+_ALGOS = "datasel.ops.algos"
+
+
+def code_fingerprint(*functions: Callable | None) -> str:
+    """A digest of the code of ``functions`` and of the algorithm modules (``datasel.ops.algos.X``) they name.
+
+    Docstrings and comments do not count, so documenting an op keeps its cache;
+    any other edit, there or in an algorithm it calls, gives new cache keys.
     """
-    params = tuple(params)
+    h = hashlib.blake2b(digest_size=16)
+    for fn in functions:
+        if fn is None:
+            continue
+        source = _function_source(fn)
+        h.update(source.encode("utf-8"))
+        for module in sorted(_algorithm_modules(source, fn)):
+            h.update(module.encode("utf-8"))
+            h.update(_module_source(module).encode("utf-8"))
+    return h.hexdigest()
 
-    def register(fn: Callable) -> Callable:
-        if name in _REGISTRY:
-            raise ValueError(f"op {name!r} declared twice")
-        doc = textwrap.dedent(inspect.getdoc(fn) or "").strip()
-        _REGISTRY[name] = OpSpec(name=name, params=params, result=result, role="macro", version=version,
-                                 doc=doc, fn=fn, family=family or fn.__module__.rsplit(".", 1)[-1], expand=fn)
-        return fn
 
-    return register
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def _normalised(source: str) -> str:
+    try:
+        return ast.unparse(_strip_docstrings(ast.parse(textwrap.dedent(source))))
+    except SyntaxError:  # pragma: no cover - a lambda inside a call, say
+        return source
+
+
+def _function_source(fn: Callable) -> str:
+    fn = inspect.unwrap(fn)
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):  # built-in or generated: fall back to its name
+        return getattr(fn, "__qualname__", repr(fn))
+    if getattr(fn, "__name__", "") == "<lambda>":
+        return " ".join(source.split())
+    return _normalised(source)
+
+
+@functools.lru_cache(maxsize=None)
+def _algos_names() -> tuple[str, ...]:
+    import pkgutil
+
+    package = importlib.import_module(_ALGOS)
+    return tuple(m.name for m in pkgutil.iter_modules(package.__path__))
+
+
+def _algorithm_modules(source: str, fn: Callable) -> set[str]:
+    """Algorithm modules a function uses: ``algos import X``, ``algos.X``, or module-level aliases (``T``)."""
+    found = set()
+    names = _algos_names()
+    for name in names:
+        if re.search(rf"\balgos(\.| import (\w+, )*){name}\b", source):
+            found.add(f"{_ALGOS}.{name}")
+    module_globals = getattr(inspect.unwrap(fn), "__globals__", {})
+    for alias, value in module_globals.items():
+        mod = getattr(value, "__name__", "")
+        if inspect.ismodule(value) and mod.startswith(_ALGOS + ".") and re.search(rf"\b{re.escape(alias)}\.", source):
+            found.add(mod)
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _module_source(module: str) -> str:
+    try:
+        return _normalised(inspect.getsource(importlib.import_module(module)))
+    except (OSError, TypeError, ImportError):  # pragma: no cover
+        return module

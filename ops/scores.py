@@ -225,7 +225,7 @@ def log(ctx, idx, scores):
 
 
 @op("column", [Param("scores", Kind.SCORES, doc="an operator with several outputs per record"),
-               Param("name", Kind.STRING, doc="which output")],
+               Param("name", Kind.STRING, doc="which output", column_of="scores")],
     Kind.SCORES, role="scores", version="1")
 def column(ctx, idx, scores, name):
     """One named output of a multi-output operator, e.g. ``column(loss(model), "count")`` (scored tokens)."""

@@ -75,6 +75,11 @@ def _take(k: Budget, n_input: int, n_pool: int, chunks: str) -> int:
     return -(-n_input // m) if n_input else 0
 
 
+def _shares_budget(chunks="exact", **_) -> bool:
+    """Under a partition, ``exact`` shares the budget out over the groups; ``array_split`` rounds per group."""
+    return chunks == "exact"
+
+
 _CHUNKS = Param("chunks", Kind.STRING, "exact",
                 doc="exact: ⌊P% × n⌋; array_split: the first of round(100/P) front-loaded chunks, "
                     "⌈n / round(100/P)⌉ (Small2Large's rule, slightly over budget)",
@@ -84,7 +89,7 @@ _CHUNKS = Param("chunks", Kind.STRING, "exact",
 @op("topk", [Param("scores", Kind.SCORES, doc="what to rank by"),
              Param("k", Kind.BUDGET, doc="how many to keep: a count, P% of the input, or P% of pool"),
              _CHUNKS],
-    Kind.SELECTOR, role="selector", version="1", explain=_explain_topk)
+    Kind.SELECTOR, role="selector", version="1", explain=_explain_topk, partition_budget=_shares_budget)
 def topk(ctx, subset, scores, k: Budget, chunks="exact"):
     """Keep the k records with the highest scores.
 
@@ -101,7 +106,7 @@ def topk(ctx, subset, scores, k: Budget, chunks="exact"):
 @op("bottomk", [Param("scores", Kind.SCORES, doc="what to rank by"),
                 Param("k", Kind.BUDGET, doc="how many to keep"),
                 _CHUNKS],
-    Kind.SELECTOR, role="selector", version="1", explain=_explain_bottomk)
+    Kind.SELECTOR, role="selector", version="1", explain=_explain_bottomk, partition_budget=_shares_budget)
 def bottomk(ctx, subset, scores, k: Budget, chunks="exact"):
     """Keep the k records with the lowest scores (ascending order, ties by pool order).
 
@@ -241,11 +246,11 @@ def max_(ctx, a, b, c=None):
     return BudgetBound("max", tuple(_budget(x) for x in (a, b, c) if x is not None))
 
 
-@op("iterate", [Param("init", Kind.SELECTOR, doc="the selection to start from"),
+@op("iterate", [Param("init", Kind.SELECTOR, doc="the selection to start from", applied=True),
                 Param("rounds", Kind.NUMBER, doc="how many times to apply step"),
-                Param("step", Kind.FUNCTION, doc="cur -> the next selection, given the current one")],
-    Kind.SELECTOR, role="selector", version="1", applied=("init",), lambda_kind=Kind.SELECTOR,
-    lambda_result=Kind.SELECTOR)
+                Param("step", Kind.FUNCTION, doc="cur -> the next selection, given the current one",
+                      binds=Kind.SELECTOR, returns=Kind.SELECTOR, scope="round", cache_calls=True)],
+    Kind.SELECTOR, role="selector", version="2")
 def iterate(ctx, subset, init, rounds, step):
     """Repeat a step that depends on the current selection: cur = step(cur), ``rounds`` times.
 
@@ -253,6 +258,13 @@ def iterate(ctx, subset, init, rounds, step):
     is DiverseEvol.  The function's parameter names the current selection.
     Each round's nodes are cached under that round's selection, and every
     finished round is cached, so an interrupted loop resumes where it stopped.
-    The engine runs this op itself (it needs to bind ``cur``).
     """
-    raise AssertionError("iterate is evaluated by the engine")
+    import time
+
+    current = init
+    total = int(rounds)
+    for r in range(1, total + 1):
+        started = time.monotonic()
+        current = step(current)
+        ctx.log(f"round {r}/{total}: {len(current)} records ({time.monotonic() - started:.1f}s)")
+    return current.indices

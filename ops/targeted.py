@@ -94,10 +94,11 @@ def cosine_to_targets(X: np.ndarray, T: np.ndarray, reduce: str = "max") -> np.n
 
 
 @op("similarity", [Param("features", Kind.FEATURES, doc="vectors of the records to score (normalised internally)"),
-                   Param("target", Kind.FEATURES, doc="vectors of the target set, e.g. embed(minilm, data=val)"),
+                   Param("target", Kind.FEATURES, doc="vectors of the target set, e.g. embed(minilm, data=val)",
+                         any_dataset=True),
                    Param("reduce", Kind.STRING, "max", doc="max (RDS+) or mean over the target records",
                          choices=REDUCE)],
-    Kind.SCORES, role="scores", version="1", any_dataset=("target",))
+    Kind.SCORES, role="scores", version="1")
 def similarity(ctx, idx, features, target, reduce="max"):
     """Cosine similarity of each record to a target set: the max (default) or mean over the target records.
 
@@ -203,11 +204,12 @@ def round_robin(X: np.ndarray, T: np.ndarray, labels: np.ndarray, k: int) -> np.
 
 @op("roundrobin", [Param("features", Kind.FEATURES, doc="vectors of the pool records"),
                    Param("k", Kind.BUDGET, doc="how many to pick"),
-                   Param("target", Kind.FEATURES, doc="vectors of the target records, e.g. embed(minilm, data=val)"),
+                   Param("target", Kind.FEATURES, doc="vectors of the target records, e.g. embed(minilm, data=val)",
+                         any_dataset=True),
                    Param("by", Kind.STRING, None,
                          doc="a field of the target records naming their task: tasks take turns, each ranking by "
                              "the max over its records; default: every target record takes turns")],
-    Kind.SELECTOR, role="selector", version="1", costly=True, any_dataset=("target",))
+    Kind.SELECTOR, role="selector", version="1", costly=True)
 def roundrobin(ctx, subset, features, k, target, by=None):
     """RDS+'s selection: target records take turns picking their most similar record (cosine).
 

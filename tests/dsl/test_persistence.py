@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from datasel.dsl.cache import Cache
-from datasel.dsl.engine import Progress
+from datasel.dsl.progress import Progress
 
 pytestmark = pytest.mark.usefixtures("cache_dir")
 
@@ -130,10 +130,10 @@ class FakeClock:
 
 
 def test_progress_off_a_terminal_prints_start_periodic_and_end_lines(monkeypatch):
-    from datasel.dsl import engine as engine_module
+    from datasel.dsl import progress as progress_module
 
     clock = FakeClock()
-    monkeypatch.setattr(engine_module, "time", clock)
+    monkeypatch.setattr(progress_module, "time", clock)
     stream = io.StringIO()
     progress = Progress(True, stream, interval=30.0, tty=False)
     with progress.bar(100, "ifd") as bar:

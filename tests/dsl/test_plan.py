@@ -341,7 +341,7 @@ def test_to_json_shape():
         assert set(entry["inputs"]) <= seen  # inputs come before their users
         seen.add(entry["id"])
     per_group = next(e for e in doc["nodes"] if e["op"] == "per_group")
-    assert per_group["body"] in ids and per_group["var"] in ids
+    assert per_group["body"] in ids and per_group["variable"] in ids
     usable = next(e for e in doc["nodes"] if e["op"] == "compare")
     assert usable["names"] == ["usable"]
 
