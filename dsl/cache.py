@@ -386,6 +386,10 @@ class Cache:
         shutil.rmtree(grave, ignore_errors=True)
 
     # -------------------------------------------------------------- map shards
+    def claims(self, map_key: str) -> "ClaimBoard":
+        """The board of rows of map ``map_key`` that processes are computing right now."""
+        return ClaimBoard(self, map_key)
+
     def map_store(self, map_key: str) -> "MapStore":
         return MapStore(self, map_key)
 
@@ -645,6 +649,85 @@ def unused_for(entry: dict, days: float | None, now: float | None = None) -> boo
     if days is None:
         return False
     return (time.time() if now is None else now) - entry["last_used"] > days * 86400
+
+
+class ClaimBoard:
+    """Which rows of one map op are being computed right now, and by whom: so that several processes (or
+    workers) fill one map at once without computing a row twice.
+
+    A claim is a file ``claims/<map key>/<id>.claim`` listing record hashes,
+    held under an exclusive ``flock`` by its owner while it computes them.  A
+    claim whose lock can be taken belongs to a process that died (a crash, a
+    SIGKILL): it is stale and removed.  Reading the board and adding a claim
+    happen under one short lock, so two processes never claim the same row.
+    """
+
+    def __init__(self, cache: "Cache", map_key: str):
+        self.cache = cache
+        self.dir = cache._writable("this run needs results that are not in the cache") / "claims" / map_key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._held: dict[str, tuple[int, Path]] = {}
+
+    def _board_lock(self) -> FileLock:
+        return FileLock(str(self.dir / ".board.lock"))
+
+    def claimed_by_others(self) -> set[bytes]:
+        """Hashes claimed by other live processes (stale claims are removed on the way)."""
+        import fcntl
+
+        out: set[bytes] = set()
+        for path in self.dir.glob("*.claim"):
+            if path.name in self._held:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except OSError:  # held: a live owner
+                    data = Path(path).read_bytes()
+                    out.update(data[i : i + HASH_BYTES] for i in range(0, len(data), HASH_BYTES))
+                    continue
+                path.unlink(missing_ok=True)  # nobody holds it: its owner died
+            finally:
+                os.close(fd)
+        return out
+
+    def claim(self, hashes: np.ndarray, choose) -> tuple[np.ndarray, str | None]:
+        """Claim what ``choose(taken)`` picks of ``hashes``, ``taken`` being the hashes others hold.
+
+        ``choose(set of claimed hashes) -> positions into hashes``.  Returns the
+        picked positions and the claim's name (None when nothing was picked).
+        """
+        import fcntl
+
+        with self._board_lock():
+            taken = self.claimed_by_others()
+            picked = np.asarray(choose(taken), dtype=np.int64)
+            if len(picked) == 0:
+                return picked, None
+            name = f"{os.getpid()}-{uuid.uuid4().hex}.claim"
+            path = self.dir / name
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, b"".join(bytes(h) for h in np.asarray(hashes)[picked]))
+            os.fsync(fd)
+            self._held[name] = (fd, path)
+        return picked, name
+
+    def release(self, name: str | None) -> None:
+        """Give up one claim (its rows are stored)."""
+        if name in self._held:
+            fd, path = self._held.pop(name)
+            path.unlink(missing_ok=True)
+            os.close(fd)
+
+    def release_all(self) -> None:
+        """Give up every claim this board holds (the fill finished or stopped)."""
+        for name in list(self._held):
+            self.release(name)
 
 
 class MapStore:

@@ -34,6 +34,11 @@ def _common(p: argparse.ArgumentParser, *, pool_required: bool) -> None:
     p.add_argument("--on-bad-record", choices=("fail", "skip"), default="fail",
                    help="what to do with malformed, empty or non-UTF-8 records (default: fail)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or notes")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where per-record operators run: in this process (default), or on Ray (pip install "
+                        "'datasel[ray]')")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="an existing Ray cluster (e.g. ray://head:10001 or auto); default: start one here")
 
 
 def _cache_write_flag(p: argparse.ArgumentParser) -> None:
@@ -207,6 +212,17 @@ def cmd_compile(args) -> int:
     return EXIT_OK
 
 
+def _executor(args):
+    """The executor the flags ask for (None: the engine's in-process default)."""
+    if getattr(args, "executor", "local") == "local":
+        if getattr(args, "ray_address", None):
+            raise ValueError("--ray-address needs --executor ray")
+        return None
+    from datasel.dsl.executor import executor
+
+    return executor("ray", address=args.ray_address)
+
+
 def _persist() -> dict:
     """``DATASEL_PERSIST_SECONDS``: how much work (seconds) a map op may do between two saves (default 60)."""
     value = os.environ.get("DATASEL_PERSIST_SECONDS")
@@ -228,7 +244,7 @@ def cmd_run(args) -> int:
     result = run(args.recipe, args.pool, val=args.val, output=args.output, default_output=True, sets=args.set,
                  cache_dir=args.cache,
                  on_bad_record=args.on_bad_record, pool_format=args.pool_format, val_format=args.val_format,
-                 quiet=args.quiet, **_cache_write(args), **_persist())
+                 quiet=args.quiet, executor=_executor(args), **_cache_write(args), **_persist())
     m = result.manifest
     computed = sum(1 for n in m["nodes"] if n["status"] != "cached")
     print(f"selected {m['selected_count']} of {m['pool_size']} records "
@@ -249,7 +265,7 @@ def cmd_eval(args) -> int:
 
     result = evaluate(args.expression, args.pool, recipe=args.recipe, val=args.val, sets=args.set,
                       cache_dir=args.cache, on_bad_record=args.on_bad_record, pool_format=args.pool_format,
-                      quiet=args.quiet, **_cache_write(args), **_persist())
+                      quiet=args.quiet, executor=_executor(args), **_cache_write(args), **_persist())
     text = write_values(result, args.output)
     if text is not None:
         sys.stdout.write(text)

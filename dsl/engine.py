@@ -31,15 +31,20 @@ import numpy as np
 
 from datasel.dsl.cache import Cache, ReadOnlyCacheError
 from datasel.dsl.data import Dataset
+from datasel.dsl.executor import Executor, LocalExecutor
 from datasel.dsl.plan import Node, Plan, digest
 from datasel.dsl.progress import NullBar, Progress, duration
-from datasel.ops.contract import Budget, Grouping, Kind, Role, Selection
+from datasel.ops.contract import Batch, Budget, Grouping, Kind, Role, Selection
 
 
 #: Map results are persisted at least this often (seconds of work), and at most every chunk_rows records.
 PERSIST_SECONDS = 60.0
 #: The first chunk of a map fill is small, to measure the rate before sizing the next ones.
 FIRST_CHUNK_ROWS = 4
+#: Batch size on the Ray executor (batches are spread over workers, not sized by time).
+RAY_BATCH_ROWS = 64
+#: How often a fill looks again when every row it needs is being computed by another process.
+WAIT_SECONDS = 0.5
 
 
 class OpError(Exception):
@@ -55,6 +60,9 @@ class OpError(Exception):
 class NotCached(Exception):
     """Raised in probe mode when a value would have to be computed."""
 
+
+#: The in-process executor, shared by the engines of one process (it keeps set-up models for reuse).
+LOCAL = LocalExecutor()
 
 #: Raised inside an op but not the op's fault: passed on as they are, not wrapped in an OpError.
 PASS_THROUGH = (OpError, KeyboardInterrupt, NotCached, ReadOnlyCacheError)
@@ -145,8 +153,10 @@ class Engine:
 
     def __init__(self, plan: Plan, datasets: dict[str, Dataset], cache: Cache, *, quiet: bool = False,
                  probe: bool = False, log=None, recipe: str | None = None,
-                 persist_seconds: float = PERSIST_SECONDS, progress: Progress | None = None):
+                 persist_seconds: float = PERSIST_SECONDS, progress: Progress | None = None,
+                 executor: Executor | None = None):
         self.plan = plan
+        self.executor = executor or LOCAL
         self.recipe = recipe
         self.persist_seconds = float(persist_seconds)
         self.datasets = datasets
@@ -560,16 +570,11 @@ class Engine:
         if not found.all():
             if self.probe:
                 raise NotCached(node.id)
-            with self.cache.lock(f"map-{handle.key}"):
-                store.refresh()  # another process may have filled rows meanwhile
-                found, where = store.locate(dataset.hashes[idx])
-                found_before = found
-                missing = idx[~found]
-                if len(missing):
-                    # Identical records are computed once.
-                    _, first = np.unique(dataset.hashes[missing], return_index=True)
-                    self._fill_rows(handle, store, missing[np.sort(first)])
-                    found, where = store.locate(dataset.hashes[idx])
+            missing = idx[~found]
+            # Identical records are computed once.
+            _, first = np.unique(dataset.hashes[missing], return_index=True)
+            self._fill_rows(handle, store, missing[np.sort(first)])
+            found, where = store.locate(dataset.hashes[idx])
         # A row counts as cached if it was in the cache the first time this run asked for it.
         if stats.seen is None or len(stats.seen) != len(dataset):
             stats.seen = np.zeros(len(dataset), dtype=np.bool_)
@@ -581,52 +586,89 @@ class Engine:
         return store.read(column, where)
 
     def _fill_rows(self, handle: Values, store, rows: np.ndarray) -> None:
-        """Compute the missing ``rows`` of a map node in chunks, persisting each chunk as it finishes.
+        """Compute the missing ``rows`` of a map node batch by batch, saving each batch as it finishes.
 
-        A chunk ends at ``chunk_rows`` records or after about ``persist_seconds`` of work,
-        whichever comes first (the chunk size follows the measured rate, starting small), so
-        an interrupt or a kill loses at most about that much work on any pool.  Rows go in
-        order of record size, so that each chunk's batches pad little.
+        Each batch is claimed on the map's claim board first, so processes
+        sharing the cache split the rows instead of computing them twice; rows
+        another live process holds are waited for.  In this process a batch
+        ends at ``chunk_rows`` records or after about ``persist_seconds`` of
+        work, whichever comes first (the size follows the measured rate,
+        starting small), so an interrupt or a kill loses at most about that
+        much work on any pool.  Rows go in order of record size, so that each
+        batch pads little.
         """
         node = handle.node
         spec = node.spec
         stats = self.stats[node.id]
+        dataset = handle.dataset
         args = self._arguments(node, handle.env)
-        ctx = RunContext(self, node, handle.env, handle.dataset)
+        static = {k: v for k, v in args.items() if not isinstance(v, Values)}
+        per_record = {k: v for k, v in args.items() if isinstance(v, Values)}
         limit = max(1, spec.chunk_rows)
-        size = min(limit, FIRST_CHUNK_ROWS)
-        rows = rows[np.argsort(handle.dataset.sizes[rows], kind="stable")]
-        info = dict(self.entry_info(node), version=spec.version)
-        with self.progress.bar(len(rows), node.names[0] if node.names else node.label()) as bar:
-            ctx._bar = bar
-            start = 0
-            while start < len(rows):
-                part = rows[start : start + size]
-                ctx._advanced = 0
-                began = time.perf_counter()
-                with self._timed(node):
-                    try:
-                        out = spec.fn(ctx, part, **args)
-                    except PASS_THROUGH:
-                        raise
-                    except Exception as exc:
-                        raise self._op_error(node, exc) from exc
-                took = time.perf_counter() - began
-                columns = out if isinstance(out, dict) else {"value": out}
-                for name, array in columns.items():
-                    array = np.asarray(array)
-                    if array.shape[:1] != (len(part),):
-                        raise OpError(node, f"column {name!r} has {array.shape[:1]} rows for {len(part)} records")
-                    columns[name] = array
-                # Persist every chunk as it finishes: an interrupted run keeps it.
-                store.append(handle.dataset.hashes[part], columns, info)
-                stats.rows_computed += len(part)
-                bar.update(max(0, len(part) - ctx._advanced))
-                start += len(part)
-                if took > 0:
-                    size = int(min(limit, max(1, len(part) * self.persist_seconds / took)))
-                else:
-                    size = limit
+        adaptive = self.executor.name == "local"
+        size = [min(limit, FIRST_CHUNK_ROWS) if adaptive else min(limit, RAY_BATCH_ROWS)]
+        rows = rows[np.argsort(dataset.sizes[rows], kind="stable")]
+        hashes = dataset.hashes[rows]
+        info = dict(self.entry_info(node), version=spec.code_version)
+        claims = self.cache.claims(handle.key)
+        open_claims: dict[int, str] = {}  # id(batch) -> claim
+        started = [0.0]
+
+        def batches():
+            done = np.zeros(len(rows), dtype=bool)
+            shared = [False]  # another process works on this map: look at what it stored before choosing
+
+            def choose(taken):
+                shared[0] = shared[0] or bool(taken)
+                if shared[0]:
+                    store.refresh()
+                    done[:] |= store.locate(hashes)[0]
+                pending = np.flatnonzero(~done)
+                free = pending[[h not in taken for h in hashes[pending].tolist()]] if taken else pending
+                return free[: size[0]]
+
+            while True:
+                if done.all():
+                    return
+                picked, name = claims.claim(hashes, choose)
+                if not len(picked):
+                    if done.all():
+                        return
+                    # Every row left is being computed by another process: wait for its results.
+                    time.sleep(WAIT_SECONDS)
+                    continue
+                done[picked] = True
+                part = rows[picked]
+                batch = Batch(part, [dataset.records[int(i)] for i in part], [dataset.raw[int(i)] for i in part],
+                              {k: v.values(part) for k, v in per_record.items()})
+                open_claims[id(batch)] = name
+                started[0] = time.perf_counter()
+                yield batch
+
+        label = node.names[0] if node.names else node.label()
+        try:
+            with self.progress.bar(len(rows), label) as bar, self._timed(node):
+                for batch, columns in self.executor.run(spec, static, handle.key, batches()):
+                    took = time.perf_counter() - started[0]
+                    for name, array in columns.items():
+                        array = np.asarray(array)
+                        if array.shape[:1] != (len(batch),):
+                            raise OpError(node, f"column {name!r} has {array.shape[:1]} rows for {len(batch)} records")
+                        columns[name] = array
+                    # Persist every batch as it finishes: an interrupted run keeps it.
+                    store.append(dataset.hashes[batch.rows], columns, info)
+                    claims.release(open_claims.pop(id(batch), None))
+                    stats.rows_computed += len(batch)
+                    bar.update(len(batch))
+                    if adaptive:
+                        size[0] = int(min(limit, max(1, len(batch) * self.persist_seconds / took))) if took > 0 \
+                            else limit
+        except PASS_THROUGH:
+            raise
+        except Exception as exc:
+            raise self._op_error(node, exc) from exc
+        finally:
+            claims.release_all()
 
     def _scores_rows(self, handle: Values, idx: np.ndarray) -> np.ndarray:
         node = handle.node

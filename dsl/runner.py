@@ -21,6 +21,7 @@ from datasel.dsl.data import DataError, Dataset, load_dataset, output_container,
 from datasel.dsl.data import default_output as default_output_path
 from datasel.dsl.engine import PERSIST_SECONDS, Engine, Values
 from datasel.dsl.estimate import estimate
+from datasel.dsl.executor import Executor
 from datasel.dsl.explain import to_json
 from datasel.dsl.plan import Plan
 from datasel.ops.context import Grouping
@@ -77,7 +78,8 @@ def run(recipe: str | Path, pool: str | Path, *, val: str | Path | None = None, 
         sets: list[str] | dict | None = None, cache_dir: str | Path | None = None, on_bad_record: str = "fail",
         pool_format: str | None = None, val_format: str | None = None, quiet: bool = False,
         recipe_text: str | None = None, log=None, persist_seconds: float = PERSIST_SECONDS,
-        cache_write: str | Path | None = None, default_output: bool = False) -> RunResult:
+        cache_write: str | Path | None = None, default_output: bool = False,
+        executor: Executor | None = None) -> RunResult:
     """Compile ``recipe``, run it on ``pool`` and write the selection and its manifest.
 
     The selection goes to ``output`` in the format its extension names
@@ -100,7 +102,7 @@ def run(recipe: str | Path, pool: str | Path, *, val: str | Path | None = None, 
     compiled = compile_recipe(source, sets, fingerprints(datasets))
     cache = Cache(cache_dir, write_root=cache_write)
     engine = Engine(compiled.plan, datasets, cache, quiet=quiet, log=log, recipe=source.name,
-                    persist_seconds=persist_seconds)
+                    persist_seconds=persist_seconds, executor=executor)
     selection = engine.run()
     pool_ds = datasets["pool"]
     positions = pool_ds.positions[selection.indices]
@@ -186,7 +188,7 @@ class EvalResult:
 def evaluate(expression: str, pool: str | Path, *, recipe: str | Path | None = None, val: str | Path | None = None,
              sets=None, cache_dir=None, on_bad_record: str = "fail", pool_format: str | None = None,
              quiet: bool = False, log=None, persist_seconds: float = PERSIST_SECONDS,
-             cache_write: str | Path | None = None) -> EvalResult:
+             cache_write: str | Path | None = None, executor: Executor | None = None) -> EvalResult:
     """Evaluate a Scores, Features or Partition expression for every pool record.
 
     Names resolve in the prelude and, with ``recipe``, the recipe's bindings.
@@ -198,7 +200,8 @@ def evaluate(expression: str, pool: str | Path, *, recipe: str | Path | None = N
     kind = compiled.checked.type_of(compiled.checked.select).kind
     if kind not in (Kind.SCORES, Kind.FEATURES, Kind.PARTITION, Kind.SELECTOR, Kind.LABELS):
         raise ValueError(f"eval needs a Scores, Features, Partition or Selector expression; '{expression}' is {kind}")
-    engine = Engine(plan, datasets, Cache(cache_dir, write_root=cache_write), quiet=quiet, log=log, persist_seconds=persist_seconds,
+    engine = Engine(plan, datasets, Cache(cache_dir, write_root=cache_write), quiet=quiet, log=log,
+                    persist_seconds=persist_seconds, executor=executor,
                     recipe=source.name)
     pool_ds = datasets["pool"]
     everything = np.arange(len(pool_ds))

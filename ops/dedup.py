@@ -110,7 +110,7 @@ def _minhash_scheme() -> str:
                 Param("seed", Kind.NUMBER, 1, doc="seed of the permutations"),
                 Param("normalize", Kind.BOOL, True, doc="casefold and drop punctuation before shingling")],
     Kind.FEATURES, role="map", version="1", chunk_rows=4096, key_fn=lambda **_: _minhash_scheme())
-def minhash(ctx, idx, field="all", shingle=5, num_perm=128, seed=1, normalize=True):
+def minhash(state, batch, field="all", shingle=5, num_perm=128, seed=1, normalize=True):
     """MinHash signature of each record's set of word shingles (datasketch), cached per record.
 
     Row i is ``num_perm`` unsigned 32-bit values; the fraction of equal
@@ -124,8 +124,8 @@ def minhash(ctx, idx, field="all", shingle=5, num_perm=128, seed=1, normalize=Tr
     size = _whole(shingle, "shingle", 1)
     perms = _whole(num_perm, "num_perm", 8, 4096)
     m = MinHash(num_perm=perms, seed=_whole(seed, "seed", 0, 2**32 - 1))
-    out = np.empty((len(idx), perms), dtype=np.uint32)
-    for row, record in enumerate(ctx.records(idx)):
+    out = np.empty((len(batch), perms), dtype=np.uint32)
+    for row, record in enumerate(batch.records):
         m.clear()
         m.update_batch(word_shingles(record_text(record, field), size, bool(normalize)))
         out[row] = m.hashvalues

@@ -13,12 +13,17 @@ from __future__ import annotations
 import numpy as np
 
 from datasel.ops.algos import templates as T
-from datasel.ops.registry import Kind, Param, Ref, op
+from datasel.ops.registry import Kind, Param, Ref, Resources, op
 
 TEXT_KINDS = tuple(T.TEXT_KINDS)
 
 
 # ------------------------------------------------------------------ embed
+def _load_encoder(args: dict, resources):
+    """Setup of ``embed``: the sentence encoder, once per worker."""
+    return args["encoder"].load()
+
+
 def _embed_cost(ctx, idx, encoder, text="instruction_input", normalize=True, max_length=None, batch=None):
     from datasel.ops.algos.throughput import encoder_rates
     from datasel.ops.context import Work
@@ -39,8 +44,9 @@ def _embed_cost(ctx, idx, encoder, text="instruction_input", normalize=True, max
                         "MiniLM on 2,000 Dolly texts takes 22.4 s at 16 vs 25.8 s at 64, 1.15x; "
                         "`python benchmarks/run.py embed`), 128 on CUDA")],
     Kind.FEATURES, role="map", version="2", chunk_rows=8192,
-    key_fn=lambda text, **_: "text:" + T.text_digest(text), cost=_embed_cost)
-def embed(ctx, idx, encoder, text="instruction_input", normalize=True, max_length=None, batch=None):
+    key_fn=lambda text, **_: "text:" + T.text_digest(text), cost=_embed_cost, setup=_load_encoder,
+    resources=Resources(cpus=1.0, gpus=0.25, memory_gb=1.0))
+def embed(model, records, encoder, text="instruction_input", normalize=True, max_length=None, batch=None):
     """Sentence embeddings of each record, cached per record.
 
     ``text`` picks the rendering: ``instruction``, ``instruction_input``
@@ -53,8 +59,7 @@ def embed(ctx, idx, encoder, text="instruction_input", normalize=True, max_lengt
     """
     import torch
 
-    model = encoder.load()
-    texts = [T.text_for(text, r) for r in ctx.records(idx)]
+    texts = [T.text_for(text, r) for r in records.records]
     # The loaded encoder is shared by every embed in the process: set the limit only for this call.
     default_length = model.max_seq_length
     if max_length is not None:
@@ -314,14 +319,22 @@ def novelsum(ctx, subset, features, k, alpha=1.0, beta=0.5, knn=10, density="sum
 
 
 # ----------------------------------------------------------------- reward
+def _load_reward_model(args: dict, resources):
+    """Setup of ``reward``: the model as a sequence classifier, once per worker."""
+    from transformers import AutoModelForSequenceClassification
+
+    return args["model"].load_as(AutoModelForSequenceClassification)
+
+
 @op("reward", [Param("model", Kind.MODEL, doc="a sequence-classification reward model, e.g. hf(\"path/to/rm\")"),
                Param("format", Kind.STRING, "pair",
                      doc="pair: tokenizer(prompt, response); chat: the tokenizer's chat template",
                      choices=("pair", "chat")),
                Param("max_length", Kind.NUMBER, 512), Param("batch", Kind.NUMBER, 16),
                Param("label", Kind.NUMBER, 0, doc="which output logit is the reward")],
-    Kind.SCORES, role="map", version="1", chunk_rows=512)
-def reward(ctx, idx, model, format="pair", max_length=512, batch=16, label=0):
+    Kind.SCORES, role="map", version="1", chunk_rows=512, setup=_load_reward_model,
+    resources=Resources(cpus=1.0, gpus=1.0, memory_gb=2.0))
+def reward(state, chunk, model, format="pair", max_length=512, batch=16, label=0):
     """Reward-model score of each record's response (QDIT's quality), higher = better.
 
     Loads the model with ``AutoModelForSequenceClassification``; the score is
@@ -329,12 +342,11 @@ def reward(ctx, idx, model, format="pair", max_length=512, batch=16, label=0):
     scored on their last assistant turn.
     """
     import torch
-    from transformers import AutoModelForSequenceClassification
 
     from datasel.ops.scores import record_text
 
-    clf, tok = model.load_as(AutoModelForSequenceClassification)
-    records = ctx.records(idx)
+    clf, tok = state
+    records = chunk.records
     out = np.zeros(len(records), dtype=np.float64)
     order = np.argsort([len(r["output"]) + len(r["instruction"]) for r in records], kind="stable")
     device = next(clf.parameters()).device
@@ -351,5 +363,4 @@ def reward(ctx, idx, model, format="pair", max_length=512, batch=16, label=0):
                           return_tensors="pt")
             logits = clf(**{k: v.to(device) for k, v in enc.items()}).logits
             out[part] = logits[:, int(label)].float().cpu().numpy()
-            ctx.advance(len(part))
     return out

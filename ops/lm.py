@@ -22,7 +22,7 @@ from datasel.ops.algos import templates as T
 from datasel.ops.algos import uncertainty as U
 from datasel.ops.context import Work
 from datasel.ops.contract import E
-from datasel.ops.registry import Kind, Param, Ref, macro, op
+from datasel.ops.registry import Kind, Param, Ref, Resources, macro, op
 
 TEMPLATE_NAMES = tuple(T.TEMPLATES)
 TEXT_KINDS = tuple(T.TEXT_KINDS)
@@ -50,6 +50,14 @@ def _text_key(text: str, **_) -> str:
 def _lm(model):
     lm, tokenizer = model.load()
     return lm, tokenizer
+
+
+def _load_model(args: dict, resources):
+    """Setup of the language-model map ops: the model and its tokenizer, once per worker."""
+    return _lm(args["model"])
+
+
+_LM_RESOURCES = Resources(cpus=1.0, gpus=1.0, memory_gb=2.0)
 
 
 # ------------------------------------------------------------ cost hooks
@@ -137,8 +145,8 @@ def _loss_missing(ctx, idx, columns, model=None, given="prompt", template="alpac
                    doc="answer: score the response; prompt: score the rendered prompt itself with no context "
                        "(CherryLLM's instruction perplexity)", choices=("answer", "prompt"))],
     Kind.SCORES, role="map", version="1", family="lm", chunk_rows=512, columns=("value", "sum", "count"),
-    why_missing=_loss_missing, cost=_loss_cost, key_fn=_template_key)
-def loss(ctx, idx, model, given="prompt", template="alpaca", max_length=512, eos=False, direct_bos="eos",
+    why_missing=_loss_missing, cost=_loss_cost, key_fn=_template_key, setup=_load_model, resources=_LM_RESOURCES)
+def loss(state, batch, model, given="prompt", template="alpaca", max_length=512, eos=False, direct_bos="eos",
          slack=None, target="answer"):
     """Mean answer-token cross-entropy of each record under a language model.
 
@@ -149,30 +157,30 @@ def loss(ctx, idx, model, given="prompt", template="alpaca", max_length=512, eos
     """
     from datasel.ops.algos import seqscore
 
-    lm, tok = _lm(model)
-    rendered = [T.render(template, r, tok) for r in ctx.records(idx)]
+    lm, tok = state
+    rendered = [T.render(template, r, tok) for r in batch.records]
     prompts = [c for c, _ in rendered]
     answers = [a for _, a in rendered]
     budget = None
     if target == "prompt":
         # The prompt is the text being scored; nothing conditions it but BOS.
-        pairs = seqscore.encode_pairs(tok, [""] * len(idx), prompts, max_length=int(max_length),
+        pairs = seqscore.encode_pairs(tok, [""] * len(batch), prompts, max_length=int(max_length),
                                       direct_bos=direct_bos)
-        result = seqscore.score_pairs(lm, pairs, progress=ctx.advance)
+        result = seqscore.score_pairs(lm, pairs)
         return {"value": result.mean, "sum": result.sum_ce, "count": result.count.astype(np.float64)}
     if given == "prompt":
         contexts = prompts
     elif given == "none":
-        contexts = [""] * len(idx)
+        contexts = [""] * len(batch)
         budget = prompts
     else:
         header = T.direct_prefix(template, tok)
-        contexts = [header] * len(idx)
+        contexts = [header] * len(batch)
         budget = prompts
     pairs = seqscore.encode_pairs(tok, contexts, answers, max_length=int(max_length), append_eos=bool(eos),
                                   direct_bos=direct_bos, budget_contexts=budget,
                                   truncation_slack=None if slack is None or budget is None else int(slack))
-    result = seqscore.score_pairs(lm, pairs, progress=ctx.advance)
+    result = seqscore.score_pairs(lm, pairs)
     return {"value": result.mean, "sum": result.sum_ce, "count": result.count.astype(np.float64)}
 
 
@@ -259,8 +267,9 @@ def lp(run=None, epoch=1, approx=False, epochs=3, template=None, max_length=None
                Param("text", Kind.STRING, "alpaca_full_eos", doc="what to encode", choices=TEXT_KINDS),
                Param("max_length", Kind.NUMBER, 512),
                Param("normalize", Kind.BOOL, False, doc="L2-normalise the vectors")],
-    Kind.FEATURES, role="map", version="1", family="lm", chunk_rows=512, key_fn=_text_key, cost=_hidden_cost)
-def hidden(ctx, idx, model, layer=-1, pool="mean", text="alpaca_full_eos", max_length=512, normalize=False):
+    Kind.FEATURES, role="map", version="1", family="lm", chunk_rows=512, key_fn=_text_key, cost=_hidden_cost,
+    setup=_load_model, resources=_LM_RESOURCES)
+def hidden(state, batch, model, layer=-1, pool="mean", text="alpaca_full_eos", max_length=512, normalize=False):
     """Pooled hidden states of a language model as features (DiverseEvol, CherryLLM's pre-experience).
 
     The default is DiverseEvol's representation: the Alpaca prompt + answer +
@@ -269,10 +278,10 @@ def hidden(ctx, idx, model, layer=-1, pool="mean", text="alpaca_full_eos", max_l
     """
     from datasel.ops.algos import seqscore
 
-    lm, tok = _lm(model)
-    texts = [T.text_for(text, r, tok) for r in ctx.records(idx)]
+    lm, tok = state
+    texts = [T.text_for(text, r, tok) for r in batch.records]
     return seqscore.hidden_states(lm, tok, texts, layer=int(layer), pool=pool, max_length=int(max_length),
-                                  normalize=bool(normalize), progress=ctx.advance)
+                                  normalize=bool(normalize))
 
 
 # --------------------------------------------------------- uncertainty
@@ -285,8 +294,9 @@ UNCERTAINTY_KINDS = U.DEFAULT_KINDS  # the four the op stores; sequence_logprob 
                                doc="prompts longer than this keep their last tokens (one very long prompt "
                                    "would otherwise pad its whole batch)")],
     Kind.SCORES, role="map", version="2", family="lm", chunk_rows=512,
-    columns=UNCERTAINTY_KINDS + ("tokens",), key_fn=_template_key, cost=_generation_cost)
-def generation_stats(ctx, idx, model, template="alpaca", max_new_tokens=64, max_prompt_length=512):
+    columns=UNCERTAINTY_KINDS + ("tokens",), key_fn=_template_key, cost=_generation_cost, setup=_load_model,
+    resources=_LM_RESOURCES)
+def generation_stats(state, batch, model, template="alpaca", max_new_tokens=64, max_prompt_length=512):
     """Greedy-generate an answer per record and keep four uncertainty measures of it.
 
     Columns: entropy (mean per-step entropy), least_confidence
@@ -294,10 +304,10 @@ def generation_stats(ctx, idx, model, template="alpaca", max_new_tokens=64, max_
     probability), tokens (answer length).  Use ``uncertainty(kind=...)``.
     """
 
-    lm, tok = _lm(model)
-    prompts = [T.render(template, r, tok)[0] for r in ctx.records(idx)]
+    lm, tok = state
+    prompts = [T.render(template, r, tok)[0] for r in batch.records]
     out = U.generation_uncertainty(lm, tok, prompts, max_new_tokens=int(max_new_tokens),
-                                   kinds=UNCERTAINTY_KINDS, progress=ctx.advance,
+                                   kinds=UNCERTAINTY_KINDS,
                                    max_prompt_tokens=None if max_prompt_length is None else int(max_prompt_length))
     columns = {k: np.asarray(out[k], dtype=np.float64) for k in UNCERTAINTY_KINDS}
     columns["value"] = columns["min_margin"]

@@ -74,6 +74,10 @@ class LM:
     #: where to say that a model is being prepared for first use (the op's ``ctx.log``)
     log: Any = field(default=None, repr=False, compare=False)
 
+    def __getstate__(self) -> dict:
+        # Sent to a worker (the Ray executor): the run's logger stays with the run.
+        return dict(self.__dict__, log=None)
+
     def load(self):
         """``(model, tokenizer)``, loaded once per process and shared: do not modify."""
         from datasel.ops.algos import lm_loading
@@ -177,6 +181,10 @@ class Checkpoints:
     # One Checkpoint per epoch, so a checkpoint's loaded model is reused by every chunk of a run.
     _checkpoints: dict = field(default_factory=dict, repr=False)
 
+    def __getstate__(self) -> dict:
+        # Sent to a worker: the paths, not the models this process loaded.
+        return dict(self.__dict__, _checkpoints={})
+
     @property
     def epochs(self) -> int:
         return len(self.paths) - 1
@@ -211,6 +219,9 @@ class Checkpoint:
     key: str
     epoch: int
     _loaded: Any = field(default=None, repr=False)
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _loaded=None)
 
     def load(self):
         if self._loaded is None:

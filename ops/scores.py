@@ -30,16 +30,16 @@ def record_text(record: dict, field: str) -> str:
                Param("unit", Kind.STRING, "chars", doc="chars or words (whitespace-separated)",
                      choices=("chars", "words"))],
     Kind.SCORES, role="map", version="1", chunk_rows=65536)
-def length(ctx, idx, field="output", unit="chars"):
+def length(state, batch, field="output", unit="chars"):
     """Length of a record's text in characters or whitespace-separated words.
 
     ``field`` is ``output`` (the response; default), ``instruction``,
     ``input``, ``prompt`` (instruction + input) or ``all``.
     """
-    texts = (record_text(r, field) for r in ctx.records(idx))
+    texts = (record_text(r, field) for r in batch.records)
     if unit == "words":
-        return np.fromiter((len(_WORD.findall(t)) for t in texts), dtype=np.float64, count=len(idx))
-    return np.fromiter((len(t) for t in texts), dtype=np.float64, count=len(idx))
+        return np.fromiter((len(_WORD.findall(t)) for t in texts), dtype=np.float64, count=len(batch))
+    return np.fromiter((len(t) for t in texts), dtype=np.float64, count=len(batch))
 
 
 def _lookup(raw: dict, path: str):
@@ -82,7 +82,7 @@ def _field_missing(ctx, idx, columns, name):
 @op("field", [Param("name", Kind.STRING, doc="field name; dots reach into nested objects (a.b.0)")],
     Kind.SCORES, role="map", version="2", chunk_rows=65536, why_missing=_field_missing,
     columns=("value", "text_hash"))
-def field_(ctx, idx, name):
+def field_(state, batch, name):
     """A field of the raw records: as numbers (precomputed scores, ratings, ...) or compared as text.
 
     Missing or non-numeric values are NaN as numbers: selectors leave such
@@ -92,8 +92,8 @@ def field_(ctx, idx, name):
     ``field("lang") in ["en", "de"]`` (a record without the field matches
     none of these and is reported as having no value).
     """
-    values = [_lookup(r, name) for r in ctx.raw(idx)]
-    numbers = np.fromiter((_number(v) for v in values), dtype=np.float64, count=len(idx))
+    values = [_lookup(r, name) for r in batch.raw]
+    numbers = np.fromiter((_number(v) for v in values), dtype=np.float64, count=len(batch))
     hashes = np.frombuffer(b"".join(NO_TEXT if v is None else text_hash(v) for v in values), dtype="S16").copy()
     return {"value": numbers, "text_hash": hashes}
 

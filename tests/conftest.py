@@ -107,13 +107,42 @@ class Outcome:
         return self.manifest["funnel"][1:][stage]["dropped"]
 
 
+def pytest_generate_tests(metafunc):
+    """Tests marked ``executors`` run once per executor: in this process and on Ray."""
+    if metafunc.definition.get_closest_marker("executors") and "executor" in metafunc.fixturenames:
+        metafunc.parametrize("executor", ["local", "ray"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def ray_executor():
+    """One local Ray cluster for the session (skips when Ray is not installed)."""
+    pytest.importorskip("ray")
+    import ray
+
+    from datasel.dsl.executor import RayExecutor
+
+    ex = RayExecutor(actors=1)
+    yield ex
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture
-def run_recipe(write_pool, cache_dir):
+def executor(request):
+    """The executor of the test (None = the engine's in-process default; see ``pytest_generate_tests``)."""
+    if getattr(request, "param", "local") == "ray":
+        return request.getfixturevalue("ray_executor")
+    return None
+
+
+@pytest.fixture
+def run_recipe(write_pool, cache_dir, executor):
     """``run_recipe(text, records_or_path, **kw) -> Outcome`` via ``datasel.dsl.runner.run``."""
     from datasel.dsl.runner import run
 
     def go(text: str, pool, *, output=None, cache=None, **kwargs) -> Outcome:
         path = pool if isinstance(pool, (str, Path)) else write_pool(pool)
+        kwargs.setdefault("executor", executor)
         result = run("recipe.sel", path, output=output, cache_dir=cache or cache_dir, quiet=True,
                      recipe_text=text, **kwargs)
         return Outcome([int(i) for i in result.selected], result.manifest, result)
@@ -122,12 +151,13 @@ def run_recipe(write_pool, cache_dir):
 
 
 @pytest.fixture
-def eval_expr(write_pool, cache_dir):
+def eval_expr(write_pool, cache_dir, executor):
     """``eval_expr(expression, records_or_path) -> ndarray`` of per-record values via ``evaluate``."""
     from datasel.dsl.runner import evaluate
 
     def go(expression: str, pool, **kwargs) -> np.ndarray:
         path = pool if isinstance(pool, (str, Path)) else write_pool(pool)
+        kwargs.setdefault("executor", executor)
         return np.asarray(evaluate(expression, path, cache_dir=cache_dir, quiet=True, **kwargs).values)
 
     return go

@@ -49,6 +49,7 @@ def no_op_work(monkeypatch):
 
 
 # ------------------------------------------------------------------ laziness
+@pytest.mark.executors
 def test_map_op_computes_only_survivors(run_recipe):
     records = pool_records(20)
     out = run_recipe(RECIPE, records)
@@ -59,6 +60,7 @@ def test_map_op_computes_only_survivors(run_recipe):
     assert out.selected == [9, 14, 19] == expected_pick(records)
 
 
+@pytest.mark.executors
 def test_identical_records_are_computed_once(run_recipe):
     records = pool_records(5) + pool_records(5)  # every record twice
     out = run_recipe("select topk(length, 3)", records)
@@ -93,6 +95,7 @@ def test_editing_only_the_final_selector_recomputes_nothing_upstream(run_recipe,
     assert out.selected == [10, 15]
 
 
+@pytest.mark.executors
 def test_appending_ten_percent_computes_only_new_rows(run_recipe, write_pool):
     old = pool_records(20)
     run_recipe(RECIPE, old)
@@ -185,11 +188,11 @@ def test_interrupted_map_op_keeps_finished_chunks(run_recipe, monkeypatch):
     monkeypatch.setattr(spec, "chunk_rows", 4)
     calls = []
 
-    def flaky(ctx, idx, **kw):
-        calls.append(len(idx))
+    def flaky(state, batch, **kw):
+        calls.append(len(batch))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(ctx, idx, **kw)
+        return real(state, batch, **kw)
 
     monkeypatch.setattr(spec, "fn", flaky)
     records = pool_records(10)
@@ -227,10 +230,10 @@ def test_lazily_pulled_input_time_is_charged_to_the_input(run_recipe, monkeypatc
     real = spec.fn
     calls = []
 
-    def slow(ctx, idx, **kw):
-        calls.append(len(idx))
+    def slow(state, batch, **kw):
+        calls.append(len(batch))
         clock.now += 5.0
-        return real(ctx, idx, **kw)
+        return real(state, batch, **kw)
 
     monkeypatch.setattr(spec, "fn", slow)
     out = run_recipe("select topk(length, 2)", pool_records(10))

@@ -36,10 +36,10 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 from datasel.ops.registry import Kind, Param, op
 
 @op("slow_length", [Param("log", Kind.STRING)], Kind.SCORES, role="map", version="1", chunk_rows=512)
-def slow_length(ctx, idx, log):
+def slow_length(state, batch, log):
     out = []
     with open(log, "a") as f:
-        for i, r in zip(idx, ctx.records(idx)):
+        for i, r in zip(batch.rows, batch.records):
             time.sleep({delay})
             out.append(len(r["output"]))
             f.write(f"{{int(i)}}\\n")

@@ -304,6 +304,9 @@ def test_set_model_switches_prelude_names(write_pool, tiny, cache_dir, monkeypat
         return real_load(spec, **kw)
 
     monkeypatch.setattr(lm_loading, "load_causal_lm", recording)
+    from datasel.dsl.engine import LOCAL
+
+    monkeypatch.setattr(LOCAL, "_states", type(LOCAL._states)())  # no model set up by an earlier test
     folder, model, tok = tiny
     pool = write_pool(RECORDS)
     sets = [f'model=hf("{folder}")']
