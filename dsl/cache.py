@@ -730,6 +730,9 @@ class ClaimBoard:
             self.release(name)
 
 
+RAGGED_VALUES, RAGGED_OFFSETS = "__values", "__offsets"
+
+
 class MapStore:
     """Per-record results of one map op (one ``map key``), in append-only shards.
 
@@ -777,12 +780,25 @@ class MapStore:
         return found, where
 
     def read(self, column: str, where: list[tuple[int, int]]) -> np.ndarray:
-        """Values of ``column`` at the given (shard, row) locations, in order."""
+        """Values of ``column`` at the given (shard, row) locations, in order.
+
+        A ragged column (stored as ``<column>__values`` + ``<column>__offsets``)
+        comes back as an object array holding one list per row.
+        """
         if not where:
             return None
         by_shard: dict[int, list[int]] = {}
         for pos, (shard, row) in enumerate(where):
             by_shard.setdefault(shard, []).append(pos)
+        if column + RAGGED_OFFSETS in self._shards[where[0][0]].arrays:
+            out = np.empty(len(where), dtype=object)
+            for shard, positions in by_shard.items():
+                arrays = self._shards[shard].arrays
+                values, offsets = arrays[column + RAGGED_VALUES], arrays[column + RAGGED_OFFSETS]
+                for p in positions:
+                    row = where[p][1]
+                    out[p] = values[offsets[row]:offsets[row + 1]].tolist()
+            return out
         sample = self._shards[where[0][0]].arrays[column]
         out = np.empty((len(where),) + sample.shape[1:], dtype=sample.dtype)
         for shard, positions in by_shard.items():
@@ -798,7 +814,15 @@ class MapStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         arrays = {"keys": np.asarray(hashes)}
-        arrays.update(columns)
+        for column, values in columns.items():
+            if isinstance(values, np.ndarray) and values.dtype != object:
+                arrays[column] = values
+                continue
+            # A list per record (tags, ids): CSR, flat values + offsets, never pickled.
+            lists = [list(v) for v in values]
+            flat = [x for row in lists for x in row]
+            arrays[column + RAGGED_VALUES] = np.asarray(flat) if flat else np.zeros(0, dtype="<U1")
+            arrays[column + RAGGED_OFFSETS] = np.cumsum([0] + [len(row) for row in lists], dtype=np.int64)
         self.cache._write_entry(self.dir / name, f"{self.key}/{name}", arrays, dict(info, rows=len(hashes)))
         self._index = None  # re-read lazily, including our own shard
 
@@ -814,7 +838,9 @@ class MapStore:
                 return
             keys = list(self._index.keys())
             where = [self._index[k] for k in keys]
-            columns = {c: self.read(c, where) for c in self._shards[0].arrays if c != "keys"}
+            names = {c[: -len(RAGGED_VALUES)] if c.endswith(RAGGED_VALUES) else c
+                     for c in self._shards[0].arrays if c != "keys" and not c.endswith(RAGGED_OFFSETS)}
+            columns = {c: self.read(c, where) for c in sorted(names)}
             info = dict(self._shards[0].meta.get("info", {}))
             old = [Path(p) for p in sorted(str(d) for d in self.dir.iterdir() if d.is_dir())]
             hashes = np.frombuffer(b"".join(keys), dtype=f"S{HASH_BYTES}")

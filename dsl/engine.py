@@ -148,6 +148,38 @@ class Values:
         return self.engine._compute_rows(self, name, idx)
 
 
+class SubsetScores:
+    """Per-record Scores of a set-level op (``set_scores``): computed for a subset together, cached whole.
+
+    Rows outside the subset have no value (NaN).
+    """
+
+    def __init__(self, engine: "Engine", node: Node, env: dict, subset: np.ndarray, scores: np.ndarray, key: str):
+        self.engine, self.node, self.env, self.key = engine, node, env, key
+        self.dataset = engine.pool
+        self.subset = np.asarray(subset, dtype=np.int64)
+        self.scores = np.asarray(scores, dtype=np.float64)
+        self.indices = self.subset  # what reached it (for plan bookkeeping)
+
+    @property
+    def label(self) -> str:
+        return self.node.names[0] if self.node.names else self.node.label()
+
+    def values(self, idx) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        pos = np.searchsorted(self.subset, idx)
+        inside = pos < len(self.subset)
+        inside[inside] &= self.subset[pos[inside]] == idx[inside]
+        out = np.full(len(idx), np.nan)
+        out[inside] = self.scores[pos[inside]]
+        return out
+
+    def column(self, name: str, idx) -> np.ndarray:
+        if name != "value":
+            raise KeyError(f"{self.label} has only one output")
+        return self.values(idx)
+
+
 class Engine:
     """Evaluates one plan; create one per run."""
 
@@ -369,6 +401,11 @@ class Engine:
                 return None
             subset = np.asarray(entry.arrays["subset"], dtype=np.int64)
             return Grouping(subset, np.asarray(entry.arrays["labels"], dtype=np.int64), key)
+        if node.role is Role.SET_SCORES:
+            if "scores" not in entry.arrays:
+                return None
+            return SubsetScores(self, node, env or {}, np.asarray(entry.arrays["subset"]),
+                                np.asarray(entry.arrays["scores"]), key)
         if "indices" not in entry.arrays:
             return None
         if env is not None:
@@ -397,6 +434,9 @@ class Engine:
         info = self.entry_info(node)
         if isinstance(result, Grouping):
             self.cache.put(key, {"subset": result.subset, "labels": result.labels}, info)
+            return
+        if isinstance(result, SubsetScores):
+            self.cache.put(key, {"subset": result.subset, "scores": result.scores}, info)
             return
         arrays = {"indices": result.indices}
         described = []
@@ -427,6 +467,11 @@ class Engine:
             if labels.shape != subset.shape:
                 raise OpError(node, f"returned {labels.shape[0] if labels.ndim else 0} labels for {len(subset)} records")
             return Grouping(subset, labels, key)
+        if node.role is Role.SET_SCORES:
+            scores = np.asarray(result, dtype=np.float64)
+            if scores.shape != subset.shape:
+                raise OpError(node, f"returned {scores.shape[0] if scores.ndim else 0} scores for {len(subset)} records")
+            return SubsetScores(self, node, env, subset, scores, key)
         picks = np.asarray(result, dtype=np.int64).reshape(-1)
         if len(np.unique(picks)) != len(picks) or not np.isin(picks, subset).all():
             raise OpError(node, "returned indices outside its input or duplicated (a bug in the op)")
@@ -646,14 +691,15 @@ class Engine:
                 yield batch
 
         label = node.names[0] if node.names else node.label()
+        ragged = {c.name for c in spec.columns if c.ragged}
         try:
             with self.progress.bar(len(rows), label) as bar, self._timed(node):
                 for batch, columns in self.executor.run(spec, static, handle.key, batches()):
                     took = time.perf_counter() - started[0]
                     for name, array in columns.items():
-                        array = np.asarray(array)
-                        if array.shape[:1] != (len(batch),):
-                            raise OpError(node, f"column {name!r} has {array.shape[:1]} rows for {len(batch)} records")
+                        array = [list(v) for v in array] if name in ragged else np.asarray(array)
+                        if len(array) != len(batch):
+                            raise OpError(node, f"column {name!r} has {len(array)} rows for {len(batch)} records")
                         columns[name] = array
                     # Persist every batch as it finishes: an interrupted run keeps it.
                     store.append(dataset.hashes[batch.rows], columns, info)
@@ -691,7 +737,7 @@ class Engine:
             return []
         node = handle.node
         out: list[str | None] = [None] * len(rows)
-        if node.role is not Role.MAP:
+        if node.role not in (Role.MAP, Role.SET_SCORES):
             # A transform is NaN where an input is: blame the first input with no value.
             todo = np.ones(len(rows), dtype=bool)
             for inp in node.inputs:
@@ -715,7 +761,8 @@ class Engine:
         spec = node.spec
         texts = None
         if spec.why_missing is not None:
-            columns = {c: self._compute_rows(handle, c, rows) for c in spec.column_names}
+            columns = ({"value": handle.values(rows)} if node.role is Role.SET_SCORES
+                       else {c: self._compute_rows(handle, c, rows) for c in spec.column_names})
             ctx = RunContext(self, node, handle.env, handle.dataset)
             texts = spec.why_missing(ctx, rows, columns, **self._arguments(node, handle.env))
         if texts is None:

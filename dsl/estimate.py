@@ -137,7 +137,9 @@ class Estimator:
         except Exception as exc:  # an op that fails on cached inputs fails the same way in the run
             self.result.nodes[node.id] = Estimate("miss", note=_short(exc))
             result = None
-        if result is not None:
+        if node.role is Role.SET_SCORES:
+            self.rows[node.id] = rows  # scores of what reaches it, not a selection
+        elif result is not None:
             kept = result.subset if node.kind is Kind.PARTITION else result.indices
             self.rows[node.id] = Rows(kept)
         elif node.spec.filters_rows:

@@ -53,7 +53,14 @@ def describe_op(name: str) -> str | None:
         if p.doc:
             lines.append(f"  {'':<12} {p.doc}")
     lines.append("")
-    lines.append(f"evaluation: {ROLE_WORDS[spec.role]}; op version {spec.version} (part of every cache key)")
+    if spec.role is Role.MAP:
+        columns = ", ".join(f"{c.name} (a list per record)" if c.ragged else c.name for c in spec.columns)
+        lines.append(f"outputs per record: {columns}")
+        r = spec.resources
+        lines.append(f"resources per worker: {r.cpus:g} CPU" + (f", {r.gpus:g} GPU when there is one" if r.gpus else "")
+                     + (f", about {r.memory_gb:g} GB" if r.memory_gb else ""))
+    lines.append(f"evaluation: {ROLE_WORDS[spec.role]}; op version {spec.version}, with a fingerprint of its code "
+                 f"({spec.code_version}; part of every cache key)")
     return "\n".join(lines)
 
 

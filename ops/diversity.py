@@ -97,16 +97,23 @@ def _quality(ctx, quality, rows: np.ndarray, what: str) -> tuple[np.ndarray, np.
 # ----------------------------------------------------------------- kmeans
 @op("kmeans", [Param("features", Kind.FEATURES, doc="vectors to cluster"),
                Param("k", Kind.NUMBER, doc="number of clusters (capped at the number of records)"),
-               Param("seed", Kind.NUMBER, 0), Param("iters", Kind.NUMBER, 20),
+               Param("seed", Kind.NUMBER, 0),
+               Param("iters", Kind.NUMBER, 300, doc="at most this many Lloyd iterations"),
+               Param("tol", Kind.NUMBER, 1e-4,
+                     doc="stop when the centroids move less than tol × the features' mean variance (scikit-learn's "
+                         "rule and default); 0 runs every iteration"),
                Param("metric", Kind.STRING, "l2", doc="l2, or cosine (spherical k-means)", choices=("l2", "cosine")),
                Param("n_init", Kind.NUMBER, 1, doc="restarts; the lowest inertia wins")],
-    Kind.PARTITION, role="partition", version="1", costly=True)
-def kmeans(ctx, subset, features, k, seed=0, iters=20, metric="l2", n_init=1):
+    Kind.PARTITION, role="partition", version="2", costly=True)
+def kmeans(ctx, subset, features, k, seed=0, iters=300, tol=1e-4, metric="l2", n_init=1):
     """k-means clusters of the records that reach it (faiss; k-means++ initialisation).
 
-    Empty clusters are re-seeded by faiss during training; a cluster still
-    empty at the end is dropped, so the groups are numbered 0..k'−1.  With
-    fewer records than ``k`` every record is its own group.
+    Lloyd iterations stop as scikit-learn's do: when an iteration moves the
+    centroids (squared Frobenius norm) by less than ``tol`` times the mean
+    per-feature variance, at most ``iters`` iterations (its defaults, 1e-4 and
+    300).  Empty clusters are re-seeded by faiss during training; a cluster
+    still empty at the end is dropped, so the groups are numbered 0..k'−1.
+    With fewer records than ``k`` every record is its own group.
     """
     from datasel.ops.algos.kmeans import kmeans as run_kmeans
 
@@ -118,7 +125,8 @@ def kmeans(ctx, subset, features, k, seed=0, iters=20, metric="l2", n_init=1):
     if k >= len(subset):
         return np.arange(len(subset), dtype=np.int64)
     X = _features(features, subset, "kmeans")
-    result = run_kmeans(X, k, seed=int(seed), iters=int(iters), metric=metric, n_init=int(n_init))
+    result = run_kmeans(X, k, seed=int(seed), iters=int(iters), tol=float(tol) if tol else None, metric=metric,
+                        n_init=int(n_init))
     if result.empty_dropped:
         ctx.warn(f"{result.empty_dropped} of {k} clusters ended empty and were dropped")
     return result.labels

@@ -63,3 +63,41 @@ def test_every_builtin_is_declared_and_listed():
                  "dataset", "const", "var", "iterate"):
         assert registry.get(name) is not None, name
         assert f"  {name}(" in listing, name
+
+
+def test_the_worked_example_of_adding_an_op_works_as_documented(tmp_path, monkeypatch):
+    """docs/architecture.md's example: the declaration as printed there, and the claims made about it."""
+    import re
+
+    import numpy as np
+
+    from datasel.dsl.compiler import compile_recipe, recipe_source
+    from datasel.dsl.diagnostics import RecipeError
+    from datasel.dsl.reference import describe_op
+    from datasel.dsl.runner import evaluate, run
+    from datasel.ops.contract import Kind, Param
+    from datasel.ops.registry import op
+    from datasel.ops.scores import TEXT_FIELDS, record_text
+
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(@op\(\"digits\".*?)```", text, re.S).group(1)
+    monkeypatch.setenv("DATASEL_CACHE", str(tmp_path / "cache"))
+    namespace = dict(op=op, Param=Param, Kind=Kind, np=np, TEXT_FIELDS=TEXT_FIELDS, record_text=record_text,
+                     __name__="datasel.ops.example")
+    try:
+        exec(code, namespace)
+        pool = tmp_path / "pool.jsonl"
+        rows = [{"instruction": "a", "input": "", "output": "12 apples, 3 pears"},
+                {"instruction": "b", "input": "", "output": "none"},
+                {"instruction": "c", "input": "", "output": "2024-01-31"}]
+        pool.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+        values = evaluate("digits", pool, quiet=True).values
+        assert values.tolist() == [3.0, 0.0, 8.0]
+        assert 'digits(field: String = "output", data: Dataset = "pool") -> Scores' in describe_op("digits")
+        with pytest.raises(RecipeError, match="did you mean 'output'"):
+            compile_recipe(recipe_source('select digits(field="outptu") > 3', name="t.sel"))
+        out = run("t.sel", pool, recipe_text="select digits > 2", quiet=True)
+        assert out.selected.tolist() == [0, 2]
+        assert out.manifest["funnel"][1]["dropped"] == {"digits > 2 is false": 1}
+    finally:
+        registry._REGISTRY.pop("digits", None)

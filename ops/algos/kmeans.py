@@ -33,6 +33,7 @@ class KMeansResult(NamedTuple):
     empty_reseeded: int, how many times faiss re-seeded an empty cluster during training (it splits a large cluster
                     in two; faiss's ``nsplit`` summed over iterations and ``n_init`` restarts).
     empty_dropped:  int, clusters still empty after the final assignment (dropped; k' = k - empty_dropped).
+    iterations:     int, Lloyd iterations run (of the kept restart): fewer than ``iters`` when ``tol`` stopped early.
     """
 
     labels: np.ndarray
@@ -40,6 +41,7 @@ class KMeansResult(NamedTuple):
     inertia: float
     empty_reseeded: int
     empty_dropped: int = 0
+    iterations: int = 0
 
 
 
@@ -212,6 +214,7 @@ def kmeans(
     *,
     seed: int = 0,
     iters: int = 20,
+    tol: float | None = None,
     metric: str = "l2",
     n_init: int = 1,
     init: str = "k-means++",
@@ -225,7 +228,10 @@ def kmeans(
         k: number of clusters, 1 <= k <= n.
         seed: seeds the initialisation (numpy ``default_rng``) and faiss; same seed + same data + same faiss build and
             thread count -> same result.
-        iters: Lloyd iterations (faiss ``niter``; all of them run, there is no tolerance-based early stop).
+        iters: at most this many Lloyd iterations.
+        tol: stop once an iteration moves the centroids by less than ``tol`` times the data's mean per-feature
+            variance (squared Frobenius norm of the shift), scikit-learn's criterion (its default 1e-4); None runs
+            all ``iters`` (faiss ``niter``).
         metric: ``"l2"`` (Euclidean k-means) or ``"cosine"`` (spherical k-means: rows L2-normalised, assignment by
             inner product, centroids re-normalised each iteration — ClusterUCB's setting).
         n_init: independent restarts (seeds derived from ``seed``); the lowest final inertia is kept (first on ties).
@@ -262,39 +268,44 @@ def kmeans(
     best = None
     reseeded = 0
     streams = np.random.SeedSequence(int(seed)).spawn(int(n_init))
+    threshold = None if tol is None else float(tol) * float(Xf.astype(np.float64).var(axis=0).mean())
     for r, stream in enumerate(streams):
         rng = np.random.default_rng(stream)
-        km = faiss.Kmeans(
-            d,
-            k,
-            niter=int(iters),
-            nredo=1,
-            seed=int(seed) + r if init == "random" else int(rng.integers(2**31 - 1)),
-            spherical=(metric == "cosine"),
-            verbose=False,
-            max_points_per_centroid=n if max_points_per_centroid is None else int(max_points_per_centroid),
-            min_points_per_centroid=1,  # only silences faiss's "please provide at least 39*k points" warning
-        )
-        init_centroids = _kmeanspp_init(Xf, k, rng, n_trials) if init == "k-means++" else None
+        run_seed = int(seed) + r if init == "random" else int(rng.integers(2**31 - 1))
+        centroids = _kmeanspp_init(Xf, k, rng, n_trials) if init == "k-means++" else None
+        done = 0
         with faiss_threads(n * k * d):
-            km.train(Xf, init_centroids=init_centroids)
-            centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
+            # One faiss call for a fixed number of iterations; one per iteration to test the tolerance.
+            step = int(iters) if threshold is None else 1
+            while done < int(iters):
+                km = faiss.Kmeans(
+                    d, k, niter=step, nredo=1, seed=run_seed + done, spherical=(metric == "cosine"), verbose=False,
+                    max_points_per_centroid=n if max_points_per_centroid is None else int(max_points_per_centroid),
+                    min_points_per_centroid=1,  # only silences faiss's "please provide at least 39*k points" warning
+                )
+                km.train(Xf, init_centroids=centroids)
+                reseeded += int(sum(st["nsplit"] for st in km.iteration_stats))
+                moved = np.ascontiguousarray(km.centroids, dtype=np.float32)
+                done += step
+                shift = None if centroids is None else float(((moved.astype(np.float64) - centroids) ** 2).sum())
+                centroids = moved
+                if threshold is not None and shift is not None and shift <= threshold:
+                    break
             index = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
             index.add(centroids)
             _, I = index.search(Xf, 1)
-        reseeded += int(sum(st["nsplit"] for st in km.iteration_stats))
         labels = I[:, 0].astype(np.int64)
         inertia = float(_row_distances(X64, centroids.astype(np.float64), labels, metric).sum())
         if best is None or inertia < best[2]:
-            best = (labels, centroids, inertia)
+            best = (labels, centroids, inertia, done)
 
-    labels, centroids, inertia = best
+    labels, centroids, inertia, iterations = best
     nonempty = np.bincount(labels, minlength=k) > 0
     dropped = int(k - nonempty.sum())
     if dropped:
         labels = (np.cumsum(nonempty) - 1)[labels]
         centroids = np.ascontiguousarray(centroids[nonempty])
-    return KMeansResult(labels, centroids, inertia, reseeded, dropped)
+    return KMeansResult(labels, centroids, inertia, reseeded, dropped, iterations)
 
 
 def nearest_to_centroids(X, labels, centroids, metric: str = "l2") -> np.ndarray:

@@ -141,3 +141,20 @@ def test_threaded_seeding_gives_the_same_result(blobs, monkeypatch):
     monkeypatch.setattr(km, "_PARALLEL_MIN_WORK", 0)
     threaded = kmeans(X, 12, seed=3)
     np.testing.assert_array_equal(serial.labels, threaded.labels)
+
+
+def test_tolerance_stops_when_the_centroids_settle_as_scikit_learn_does(blobs):
+    X, _ = blobs
+    full = kmeans(X, 6, seed=0, iters=100)
+    early = kmeans(X, 6, seed=0, iters=100, tol=1e-4)
+    assert full.iterations == 100
+    assert 1 <= early.iterations < 100
+    assert early.inertia == pytest.approx(full.inertia, rel=1e-3)
+    # The rule itself: the last iteration moved the centroids by at most tol * mean variance, the one before did not.
+    threshold = 1e-4 * float(np.asarray(X, dtype=np.float64).var(axis=0).mean())
+    before = kmeans(X, 6, seed=0, iters=early.iterations - 1) if early.iterations > 1 else None
+    last_shift = float(((early.centroids.astype(np.float64) - before.centroids) ** 2).sum()) if before else 0.0
+    assert last_shift <= threshold
+    if early.iterations > 2:
+        earlier = kmeans(X, 6, seed=0, iters=early.iterations - 2)
+        assert float(((before.centroids.astype(np.float64) - earlier.centroids) ** 2).sum()) > threshold
