@@ -10,10 +10,12 @@ call resolves to) for the planner.
 from __future__ import annotations
 
 import difflib
+from fractions import Fraction
 from dataclasses import dataclass, field
 from typing import Any
 
 from datasel.dsl import ast
+from datasel.dsl.depth import nesting_errors
 from datasel.dsl.diagnostics import Diagnostic, RecipeError, Source, Span
 from datasel.ops import registry as reg
 from datasel.ops.contract import SET_ROLES, Budget, Kind, OpSpec, Param, Role, accepts, kind_name
@@ -244,6 +246,9 @@ class Checker:
             self._operands_error(e, left, right, f"'{op}' is {what} of two Selectors or arithmetic on Scores and numbers")
             return ANY
         if op in "*/":
+            if op == "/" and exact_number(e.right) == 0:
+                self.error(f"division by zero: {_snippet(e)}", e.op_span)
+                return ANY
             if left.kind in (Kind.NUMBER, Kind.SCORES) and right.kind in (Kind.NUMBER, Kind.SCORES):
                 return self._arith_result(e, left, right)
             self._operands_error(e, left, right, f"'{op}' is arithmetic on Scores and numbers")
@@ -478,16 +483,22 @@ class Checker:
         return isinstance(e, ast.Call) and any(k.name == name for k in e.kwargs)
 
     def _check_literal(self, spec: OpSpec, p: Param, a: ast.Expr, where: str) -> None:
+        exact = exact_number(a)
+        if exact is not None and not _declares(p.kind, Kind.BUDGET):
+            problem = p.problem(exact)
+            if problem:
+                self.error(f"{spec.name}: {problem}", a.span)
         if p.choices is not None and isinstance(a, ast.String) and a.value not in p.choices:
             options = ", ".join(f'"{c}"' for c in p.choices)
             self.error(f"{spec.name}: {where} must be one of {options}; got \"{a.value}\"{_suggest(a.value, p.choices)}", a.span)
         if not _declares(p.kind, Kind.BUDGET) or _declares(p.kind, Kind.NUMBER):
             return
-        if isinstance(a, ast.Number) and not a.is_integer:
-            pct = format(float(a.value * 100), "g")
+        value = exact_number(a)
+        if value is not None and value.denominator != 1:
+            pct = format(float(value * 100), "g")
             self.error(f"{spec.name}: a budget is a whole count or a percentage; got {_snippet(a)} "
                        f"(for a share write {pct}%)", a.span)
-        if isinstance(a, ast.Neg) and isinstance(a.operand, ast.Number):
+        elif value is not None and value < 0:
             self.error(f"{spec.name}: a budget cannot be negative", a.span)
 
 
@@ -548,6 +559,11 @@ def check(layers: list[tuple[Source, ast.Program]], overrides: dict[str, ast.Exp
     errors = list(errors or [])
     overridden: dict[str, ast.Binding] = {}
     bindings, broken = merge_scopes(layers, overrides, errors, overridden)
+    source, program = layers[-1]
+    first_select = select if select is not None else (program.selects[0].expr if program.selects else None)
+    deep = nesting_errors(bindings, first_select)
+    if deep:  # the checker's own recursion would fail on these: report them with what parsing found
+        raise RecipeError(_dedupe(errors + deep))
     checker = Checker(bindings, broken)
     _check_overrides(checker, bindings, broken, overridden)
     source, program = layers[-1]
@@ -588,8 +604,8 @@ def check(layers: list[tuple[Source, ast.Program]], overrides: dict[str, ast.Exp
         final.binding_type(name, None)
     if target is not None:
         final.expr(target, {})
-    if final.errors:  # a macro that expands to something invalid is a bug in its declaration
-        raise AssertionError("a macro expanded to an invalid expression:\n" + RecipeError(final.errors).format())
+    if final.errors:  # what only the expansion can show: column(ifd_loss, "x") names a column of what ifd_loss expands to
+        raise RecipeError(_dedupe(final.errors))
     return Checked(
         select=target,
         bindings=bindings,
@@ -632,6 +648,25 @@ def _dedupe(errors: list[Diagnostic]) -> list[Diagnostic]:
     return out
 
 
+def exact_number(expr: ast.Expr) -> Fraction | None:
+    """The exact value of a number, or of arithmetic on numbers only (None otherwise, or on a division by zero)."""
+    if isinstance(expr, ast.Number):
+        return expr.value
+    if isinstance(expr, ast.Neg):
+        inner = exact_number(expr.operand)
+        return None if inner is None else -inner
+    if isinstance(expr, ast.BinOp) and expr.op in ("+", "-", "*", "/"):
+        a, b = exact_number(expr.left), exact_number(expr.right)
+        if a is None or b is None or (expr.op == "/" and b == 0):
+            return None
+        return {"+": a + b, "-": a - b, "*": a * b}[expr.op] if expr.op != "/" else a / b
+    return None
+
+
+def _number(value: Fraction) -> int | float:
+    return int(value) if value.denominator == 1 else float(value)
+
+
 def literal_value(expr: ast.Expr) -> tuple[bool, Any]:
     """``(True, value)`` when ``expr`` is a literal (budgets become :class:`Budget`)."""
     if isinstance(expr, ast.Number):
@@ -644,8 +679,11 @@ def literal_value(expr: ast.Expr) -> tuple[bool, Any]:
         return True, expr.value
     if isinstance(expr, ast.NoneLit):
         return True, None
-    if isinstance(expr, ast.Neg) and isinstance(expr.operand, ast.Number):
-        return True, -expr.operand.python()
+    if isinstance(expr, (ast.Neg, ast.BinOp)):
+        # Arithmetic on literal numbers is folded at compile time, exactly: topk(length, 2 + 3) keeps 5.
+        exact = exact_number(expr)
+        if exact is not None:
+            return True, _number(exact)
     if isinstance(expr, ast.ListLit):
         values = []
         for item in expr.items:

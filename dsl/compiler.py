@@ -10,6 +10,7 @@ from pathlib import Path
 
 from datasel.dsl import ast
 from datasel.dsl.checker import Checked, check
+from datasel.dsl.depth import deep_recursion
 from datasel.dsl.diagnostics import Diagnostic, RecipeError, Source
 from datasel.dsl.parser import parse, parse_expression
 from datasel.dsl.plan import Plan, build_plan
@@ -36,14 +37,14 @@ def recipe_source(path_or_text: str | Path, *, name: str | None = None) -> Sourc
     not a file finds the recipe shipped with the package.
     """
     if name is not None:
-        return Source(name, str(path_or_text))
+        return Source(name, str(path_or_text).removeprefix("\ufeff"))
     path = Path(path_or_text)
     if not path.exists():
         shipped = importlib.resources.files("datasel.recipes").joinpath(
             path.name if path.suffix == ".sel" else path.name + ".sel"
         )
         if shipped.is_file() and path.name != PRELUDE_NAME and len(path.parts) == 1:
-            return Source(f"<recipes>/{shipped.name}", shipped.read_text(encoding="utf-8"))
+            return Source(f"<recipes>/{shipped.name}", shipped.read_text(encoding="utf-8-sig"))
         hint = ""
         if len(path.parts) == 1:
             names = shipped_recipes()
@@ -51,7 +52,7 @@ def recipe_source(path_or_text: str | Path, *, name: str | None = None) -> Sourc
             hint = (f"; did you mean {close[0]!r}?" if close else "") + f" (shipped recipes: {', '.join(names)})"
         raise FileNotFoundError(f"{path}: no such recipe file{hint}")
     try:
-        return Source(str(path), path.read_text(encoding="utf-8"))
+        return Source(str(path), path.read_text(encoding="utf-8-sig"))  # a BOM is not part of the recipe
     except UnicodeDecodeError:
         raise RecipeError([Diagnostic(f"{path}: recipe is not valid UTF-8 text")]) from None
 
@@ -114,6 +115,11 @@ def check_recipe(source: Source, sets=None, *, expression: str | None = None) ->
     With ``expression``, that expression (for ``datasel eval``) is checked in
     the recipe's scope instead of the recipe's ``select``.
     """
+    with deep_recursion():
+        return _check_recipe(source, sets, expression)
+
+
+def _check_recipe(source: Source, sets, expression: str | None) -> Checked:
     prelude = prelude_source()
     prelude_program, errors = parse(prelude)
     program, recipe_errors = parse(source)
@@ -134,5 +140,6 @@ def check_recipe(source: Source, sets=None, *, expression: str | None = None) ->
 def compile_recipe(source: Source, sets=None, fingerprints: dict[str, str] | None = None,
                    *, expression: str | None = None) -> Compiled:
     """Check and plan a recipe (see :func:`check_recipe`)."""
-    checked = check_recipe(source, sets, expression=expression)
-    return Compiled(source, checked, build_plan(checked, fingerprints))
+    with deep_recursion():
+        checked = check_recipe(source, sets, expression=expression)
+        return Compiled(source, checked, build_plan(checked, fingerprints))

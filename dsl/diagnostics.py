@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 
 
@@ -12,8 +13,16 @@ class Source:
     name: str
     text: str
 
+    def __post_init__(self):
+        # One line ending everywhere ("\r\n" and a lone "\r" become "\n"), so the parser's
+        # line numbers, the spans' offsets and the lines shown in messages all agree.
+        if "\r" in self.text:
+            object.__setattr__(self, "text", self.text.replace("\r\n", "\n").replace("\r", "\n"))
+
     def line(self, number: int) -> str:
-        lines = self.text.splitlines()
+        # Lines end at "\n" only, as the parser counts them (splitlines() would also split at U+2028,
+        # U+0085, form feeds ..., and show the wrong line).
+        lines = self.text.split("\n")
         return lines[number - 1] if 0 < number <= len(lines) else ""
 
 
@@ -69,7 +78,13 @@ def _format_one(severity: str, message: str, span: Span | None) -> str:
     # Keep tabs in the padding so the caret lines up under a tab-indented line.
     pad = "".join("\t" if c == "\t" else " " for c in line[: span.column - 1])
     caret = pad + "^" + "~" * (width - 1)
-    return f"{head}\n    {line}\n    {caret}"
+    return f"{head}\n    {_visible(line)}\n    {caret}"
+
+
+def _visible(line: str) -> str:
+    """The line with control and separator characters (form feed, U+2028, ...) shown as one
+    placeholder each, so the terminal neither breaks the line nor moves the caret."""
+    return "".join("\ufffd" if c != "\t" and unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in line)
 
 
 class RecipeError(Exception):

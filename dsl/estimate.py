@@ -20,6 +20,7 @@ import numpy as np
 
 from datasel.dsl.cache import Cache
 from datasel.dsl.data import Dataset
+from datasel.dsl.depth import deep_recursion
 from datasel.dsl.engine import Engine, NotCached, RunContext
 from datasel.dsl.plan import Node, Plan
 from datasel.ops.context import Selection, Work
@@ -315,6 +316,7 @@ def _short(exc: BaseException) -> str:
     return text[:80]
 
 
+@deep_recursion()
 def estimate(plan: Plan, datasets: dict[str, Dataset], cache: Cache) -> PlanEstimate:
     """Each node's cache state for this pool and the model work a run would do (see the module docstring)."""
     return Estimator(plan, datasets, cache).run()

@@ -18,6 +18,7 @@ from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from datasel.dsl import ast
+from datasel.dsl.depth import too_deep_statement, tree_too_deep
 from datasel.dsl.diagnostics import Diagnostic, Source, Span
 
 # Words for Lark's terminal names, so that errors read "expected ')'" and not "RPAR".
@@ -70,7 +71,8 @@ def split_statements(text: str) -> list[tuple[int, int]]:
     ranges: list[tuple[int, int]] = []
     start = None
     offset = 0
-    for line in text.splitlines(keepends=True):
+    for line in text.split("\n"):
+        line += "\n"  # lines end at "\n" only, as Source and Lark count them (not at U+2028, form feeds ...)
         stripped = line.strip()
         if stripped and not stripped.startswith("#"):
             if start is None or _STATEMENT_START.match(line):
@@ -87,19 +89,29 @@ def parse(source: Source) -> tuple[ast.Program, list[Diagnostic]]:
     """Parse every statement of ``source``; return the program and all syntax errors."""
     program = ast.Program()
     errors: list[Diagnostic] = []
+    line, counted = 1, 0
     for start, end in split_statements(source.text):
-        # Blank out everything before the statement (keeping newlines) so that
-        # Lark's line and column numbers are those of the whole file.
-        masked = re.sub(r"[^\n]", " ", source.text[:start]) + source.text[start:end]
+        # Each statement is parsed alone (linear in the recipe's length); a statement starts at
+        # column 1, so only its line and character offsets need shifting to the whole file's.
+        line += source.text.count("\n", counted, start)
+        counted = start
+        text = source.text[start:end]
         try:
-            tree = grammar().parse(masked, start="start")
+            tree = grammar().parse(text, start="start")
         except UnexpectedInput as exc:
-            errors.append(_syntax_error(source, masked, start, end, exc))
-            name = re.match(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(?!=)", source.text[start:end])
+            errors.append(_syntax_error(source, text, start, end, exc, line - 1))
+            name = re.match(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(?!=)", text)
             if name and name.group(1) != "select":
                 program.broken_names.add(name.group(1))
             continue
-        _Builder(source).statement(tree, program)
+        if tree_too_deep(tree):
+            errors.append(too_deep_statement(_span_at(source, start, start + 1)))
+            if tree.data == "binding":
+                program.broken_names.add(str(tree.children[0]))
+            continue
+        builder = _Builder(source, start, line - 1)
+        builder.statement(tree, program)
+        errors.extend(builder.errors)
     return program, errors
 
 
@@ -111,7 +123,11 @@ def parse_expression(source: Source) -> tuple[ast.Expr | None, list[Diagnostic]]
         tree = grammar().parse(source.text, start="expr")
     except UnexpectedInput as exc:
         return None, [_syntax_error(source, source.text, 0, len(source.text), exc)]
-    return _Builder(source).expr(tree), []
+    if tree_too_deep(tree):
+        return None, [too_deep_statement(_span_at(source, 0, 1))]
+    builder = _Builder(source)
+    expr = builder.expr(tree)
+    return (None, builder.errors) if builder.errors else (expr, [])
 
 
 def _describe_expected(expected: set[str]) -> str:
@@ -245,12 +261,14 @@ def _span_at(source: Source, start: int, end: int) -> Span:
     return Span(source, line, column, start, end)
 
 
-def _syntax_error(source: Source, masked: str, start: int, end: int, exc: UnexpectedInput) -> Diagnostic:
+def _syntax_error(source: Source, text: str, start: int, end: int, exc: UnexpectedInput,
+                  line_offset: int = 0) -> Diagnostic:
+    """One positioned message for a statement ``text`` (at ``start`` of ``source``, after ``line_offset`` lines)."""
     at_end = isinstance(exc, UnexpectedEOF) or (
         isinstance(exc, UnexpectedToken) and exc.token.type == "$END"
     )
     if at_end:
-        last = len(masked.rstrip())
+        last = start + len(text.rstrip())
         # Point just past the last character of the statement (skipping a trailing comment).
         stmt = source.text[start:end]
         code_end = start + len(_strip_comments(stmt).rstrip())
@@ -261,11 +279,11 @@ def _syntax_error(source: Source, masked: str, start: int, end: int, exc: Unexpe
         expected = set(getattr(exc, "expected", None) or ())
     elif isinstance(exc, UnexpectedToken):
         token = exc.token
-        span = Span(source, token.line, token.column, token.start_pos, token.end_pos)
+        span = Span(source, token.line + line_offset, token.column, token.start_pos + start, token.end_pos + start)
         message = f"unexpected {_describe_token(token)}"
         expected = set(exc.expected or ())
-        line_text = source.line(token.line)
-        first = _compares_before(source.text[start:token.start_pos]) if token.type == "COMPARE" else None
+        line_text = source.line(span.line)
+        first = _compares_before(text[:token.start_pos]) if token.type == "COMPARE" else None
         if first:
             message = (f"comparisons do not chain: 'a {first} b {token.value} c' is not allowed; "
                        f"combine two comparisons with '&', e.g. a {first} b & b {token.value} c")
@@ -273,8 +291,8 @@ def _syntax_error(source: Source, masked: str, start: int, end: int, exc: Unexpe
         if token.column > 1 and not line_text[: token.column - 1].strip():
             message += " (a statement starts at column 1; indented lines continue the statement above)"
     elif isinstance(exc, UnexpectedCharacters):
-        pos = exc.pos_in_stream
-        ch = masked[pos]
+        ch = text[exc.pos_in_stream]
+        pos = start + exc.pos_in_stream
         span = _span_at(source, pos, pos + 1)
         message = f"unexpected character {ch!r}"
         if ch == "'":
@@ -307,14 +325,19 @@ def _syntax_error(source: Source, masked: str, start: int, end: int, exc: Unexpe
 class _Builder:
     """Turns one statement's Lark tree into :mod:`datasel.dsl.ast` nodes."""
 
-    def __init__(self, source: Source):
+    def __init__(self, source: Source, start: int = 0, line_offset: int = 0):
         self.source = source
+        self.errors: list[Diagnostic] = []  # problems the grammar cannot see (numbers too large)
+        self.start = start  # where the statement begins in the source (positions are relative to it)
+        self.line_offset = line_offset
 
     def span(self, item) -> Span:
         if isinstance(item, Token):
-            return Span(self.source, item.line, item.column, item.start_pos, item.end_pos)
+            return Span(self.source, item.line + self.line_offset, item.column, item.start_pos + self.start,
+                        item.end_pos + self.start)
         meta = item.meta
-        return Span(self.source, meta.line, meta.column, meta.start_pos, meta.end_pos)
+        return Span(self.source, meta.line + self.line_offset, meta.column, meta.start_pos + self.start,
+                    meta.end_pos + self.start)
 
     def statement(self, tree: Tree, program: ast.Program) -> None:
         if tree.data == "binding":
@@ -333,9 +356,17 @@ class _Builder:
         span = self.span(item)
         kids = item.children
         if rule == "number":
-            return ast.Number(span, _fraction(str(kids[0])))
+            try:
+                return ast.Number(span, _fraction(str(kids[0])))
+            except NumberError as exc:
+                self.errors.append(Diagnostic(str(exc), span))
+                return ast.Number(span, Fraction(0))
         if rule in ("percent", "percent_of_pool"):
-            return ast.Percent(span, _fraction(str(kids[0])[:-1]) / 100, rule == "percent_of_pool")
+            try:
+                return ast.Percent(span, _fraction(str(kids[0])[:-1]) / 100, rule == "percent_of_pool")
+            except NumberError as exc:
+                self.errors.append(Diagnostic(str(exc), span))
+                return ast.Percent(span, Fraction(0), rule == "percent_of_pool")
         if rule == "string":
             return ast.String(span, _unescape(str(kids[0])))
         if rule in ("true", "false"):
@@ -393,8 +424,37 @@ class _Builder:
         return _span_at(self.source, pos, pos + 1)
 
 
+#: Numbers in a recipe are at most this large in magnitude (whole numbers are exact below 2**53).
+MAX_NUMBER = 10**15
+_NUMBER_PARTS = re.compile(r"([0-9]+)(?:\.([0-9]+))?(?:[eE]([+-]?[0-9]+))?")
+
+
+class NumberError(ValueError):
+    """A number literal datasel cannot hold exactly."""
+
+
 def _fraction(text: str) -> Fraction:
-    return Fraction(text)
+    """The exact value of a number literal; refuses magnitudes beyond :data:`MAX_NUMBER` without computing them."""
+    match = _NUMBER_PARTS.fullmatch(text)
+    if match is not None:
+        whole, frac, exp = match.groups()
+        exponent = 0
+        if exp:
+            exponent = int(exp) if len(exp.lstrip("+-")) <= 6 else (-(10**7) if exp.startswith("-") else 10**7)
+        digits = len(whole.lstrip("0")) or 1
+        if digits + max(exponent, 0) > 16 or exponent >= 10**7:
+            raise NumberError(f"number too large: {_shown(text)} (numbers are limited to ±{MAX_NUMBER:.0e})")
+        if exponent < -100 or len(whole) + len(frac or "") > 100:
+            raise NumberError(f"number too small or with too many digits: {_shown(text)} "
+                              "(at most 100 digits, exponents down to e-100)")
+    value = Fraction(text)
+    if abs(value) > MAX_NUMBER:
+        raise NumberError(f"number too large: {_shown(text)} (numbers are limited to ±{MAX_NUMBER:.0e})")
+    return value
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= 24 else text[:24] + "…"
 
 
 def _unescape(token: str) -> str:

@@ -262,16 +262,21 @@ class Planner:
             info = self.checked.calls[id(e)]
             return self.call(info.spec, info.args, e, None, scope)
         dataset = self.checked.type_of(e).dataset
+        ok, literal = literal_value(e)
+        if ok:  # literals, and arithmetic on them, are folded into one constant
+            return self.const(literal, e.span)
         if isinstance(e, ast.BinOp):
             left, right = self.value(e.left, scope), self.value(e.right, scope)
-            return self.add(builtin(e.op, Kind.SCORES), kind, {"op": e.op}, [("left", left), ("right", right)],
+            result = Kind.NUMBER if kind is Kind.NUMBER else Kind.SCORES
+            return self.add(builtin(e.op, result), kind, {"op": e.op}, [("left", left), ("right", right)],
                             span=e.span, dataset=dataset)
         if isinstance(e, ast.Neg):
+            if kind is Kind.NUMBER:
+                zero = self.const(0, e.span)
+                return self.add(builtin("-", Kind.NUMBER), kind, {"op": "-"},
+                                [("left", zero), ("right", self.value(e.operand, scope))], span=e.span)
             return self.add(builtin("unary -", Kind.SCORES), kind, {}, [("operand", self.value(e.operand, scope))],
                             span=e.span, dataset=dataset)
-        ok, literal = literal_value(e)
-        if ok:
-            return self.const(literal, e.span)
         raise AssertionError(f"cannot plan {type(e).__name__} as a value")
 
     def apply(self, e: ast.Expr, input_set: str, scope: dict[str, str]) -> str:

@@ -49,6 +49,7 @@ def describe_op(name: str) -> str | None:
     for p in spec.params:
         default = "required" if p.required else f"default {reg.format_value(p.default)}"
         choices = f"; one of {', '.join(reg.format_value(c) for c in p.choices)}" if p.choices else ""
+        choices += f"; {p.bounds()}" if p.bounds() else ""
         lines.append(f"  {p.name:<12} {reg.kind_name(p.kind):<22} {default}{choices}")
         if p.doc:
             lines.append(f"  {'':<12} {p.doc}")
@@ -80,6 +81,7 @@ def markdown_reference() -> str:
             for p in spec.params:
                 default = "*required*" if p.required else f"`{reg.format_value(p.default)}`"
                 notes = p.doc + (f" (one of {', '.join(reg.format_value(c) for c in p.choices)})" if p.choices else "")
+                notes += f" ({p.bounds()})" if p.bounds() else ""
                 out.append(f"| `{p.name}` | {reg.kind_name(p.kind)} | {default} | {notes} |")
             out += ["", f"*{ROLE_WORDS[spec.role]}; version {spec.version}.*", ""]
     return "\n".join(out)

@@ -300,6 +300,17 @@ def arith(ctx, idx, left, right, op):
         return _ARITH[op](np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))
 
 
+@op("calc", [Param("left", Kind.NUMBER), Param("right", Kind.NUMBER), Param("op", Kind.STRING, choices=tuple(_ARITH))],
+    Kind.NUMBER, role=Role.VALUE, version="1", family="builtins", syntax=("+", "-", "*", "/"),
+    label=lambda op: f"calc {op}")
+def calc(ctx, left, right, op):
+    """Arithmetic on numbers known only when the plan runs (``count(cur) + 1``); literals are folded earlier."""
+    if op == "/" and right == 0:
+        raise ValueError(f"division by zero ({left} / 0)")
+    value = {"+": left + right, "-": left - right, "*": left * right, "/": left / right}[op]
+    return int(value) if float(value).is_integer() else float(value)
+
+
 @op("neg", [Param("operand", (Kind.SCORES, Kind.NUMBER))], Kind.SCORES, role=Role.SCORES, version="1",
     family="builtins", syntax=("unary -",), label=lambda: "neg")
 def neg(ctx, idx, operand):

@@ -158,7 +158,10 @@ class Param:
       ``cache_calls``, whether each call's result is cached under the key of
       its argument (``iterate``'s rounds, so an interrupted loop resumes);
     * ``column_of``: a string naming an output column of the op given as
-      parameter ``column_of`` (``column(loss(m), "count")``), checked at compile time.
+      parameter ``column_of`` (``column(loss(m), "count")``), checked at compile time;
+    * ``integer``, ``low``, ``high``: a number must be whole / within the
+      bounds (inclusive), checked at compile time for literals and when the
+      plan runs for computed values.
     """
 
     name: str
@@ -173,6 +176,35 @@ class Param:
     scope: str = ""
     cache_calls: bool = False
     column_of: str = ""
+    integer: bool = False
+    low: float | None = None
+    high: float | None = None
+
+    def problem(self, value) -> str | None:
+        """What is wrong with a number given for this parameter (whole number, bounds), or None."""
+        if isinstance(value, bool) or not isinstance(value, (int, float, Fraction)):
+            return None
+        if value != value or value in (float("inf"), float("-inf")):
+            return f"{self.name} must be a finite number, got {value}"
+        value = float(value) if isinstance(value, Fraction) and value.denominator != 1 else value
+        if self.integer and value != int(value):
+            return f"{self.name} must be a whole number, got {format_value(float(value))}"
+        if self.low is not None and value < self.low:
+            return f"{self.name} must be at least {format_value(self.low)}, got {format_value(value)}"
+        if self.high is not None and value > self.high:
+            return f"{self.name} must be at most {format_value(self.high)}, got {format_value(value)}"
+        return None
+
+    def bounds(self) -> str:
+        """The whole-number and range rule in words (``"a whole number, at least 1"``), or ""."""
+        parts = ["a whole number"] if self.integer else []
+        if self.low is not None and self.high is not None:
+            parts.append(f"{format_value(self.low)} to {format_value(self.high)}")
+        elif self.low is not None:
+            parts.append(f"at least {format_value(self.low)}")
+        elif self.high is not None:
+            parts.append(f"at most {format_value(self.high)}")
+        return ", ".join(parts)
 
     @property
     def required(self) -> bool:

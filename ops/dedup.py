@@ -105,9 +105,9 @@ def _minhash_scheme() -> str:
 
 
 @op("minhash", [Param("field", Kind.STRING, "all", doc="which text to hash", choices=TEXT_FIELDS),
-                Param("shingle", Kind.NUMBER, 5, doc="words per shingle"),
-                Param("num_perm", Kind.NUMBER, 128, doc="permutations (signature length)"),
-                Param("seed", Kind.NUMBER, 1, doc="seed of the permutations"),
+                Param("shingle", Kind.NUMBER, 5, integer=True, low=1, doc="words per shingle"),
+                Param("num_perm", Kind.NUMBER, 128, integer=True, low=1, high=4096, doc="permutations (signature length)"),
+                Param("seed", Kind.NUMBER, 1, integer=True, low=0, high=2**32 - 1, doc="seed of the permutations"),
                 Param("normalize", Kind.BOOL, True, doc="casefold and drop punctuation before shingling")],
     Kind.FEATURES, role="map", version="1", chunk_rows=4096, key_fn=lambda **_: _minhash_scheme())
 def minhash(state, batch, field="all", shingle=5, num_perm=128, seed=1, normalize=True):
@@ -305,7 +305,7 @@ def _explain_near(ctx, subset, kept, **_):
 
 
 @op("dedup_minhash", [Param("signatures", Kind.FEATURES, doc="MinHash signatures: minhash(...)"),
-                      Param("threshold", Kind.NUMBER, 0.8, doc="estimated Jaccard at or above which a record "
+                      Param("threshold", Kind.NUMBER, 0.8, low=0, high=1, doc="estimated Jaccard at or above which a record "
                                                               "is a near duplicate")],
     Kind.SELECTOR, role="selector", version="1", explain=_explain_near)
 def dedup_minhash(ctx, subset, signatures, threshold=0.8):
@@ -331,11 +331,11 @@ def dedup_minhash(ctx, subset, signatures, threshold=0.8):
 
 
 @op("dedup_cosine", [Param("features", Kind.FEATURES, doc="embeddings (normalised internally)"),
-                     Param("threshold", Kind.NUMBER, 0.95, doc="cosine similarity at or above which a record "
+                     Param("threshold", Kind.NUMBER, 0.95, low=-1, high=1, doc="cosine similarity at or above which a record "
                                                                "is a near duplicate"),
                      Param("index", Kind.STRING, "auto", doc="flat (exact), ivf (approximate), auto: flat up "
                                                              "to 50,000 records", choices=("auto", "flat", "ivf")),
-                     Param("nprobe", Kind.NUMBER, 16, doc="ivf: lists probed per query")],
+                     Param("nprobe", Kind.NUMBER, 16, integer=True, low=1, doc="ivf: lists probed per query")],
     Kind.SELECTOR, role="selector", version="1", costly=True, explain=_explain_near)
 def dedup_cosine(ctx, subset, features, threshold=0.95, index="auto", nprobe=16):
     """Keep the first record (pool order) of every group of records with cosine similarity >= threshold.
@@ -367,12 +367,12 @@ _MINHASH_ONLY = ("field", "shingle", "num_perm", "seed", "normalize")
 @macro("dedup_near", [
     Param("features", Kind.FEATURES, None,
           doc="embeddings to compare by cosine, e.g. embed(minilm, text=\"whole\"); none: MinHash of the text"),
-    Param("threshold", Kind.NUMBER, None, doc="near duplicates at or above it: estimated Jaccard (default 0.8) "
+    Param("threshold", Kind.NUMBER, None, low=-1, high=1, doc="near duplicates at or above it: estimated Jaccard (default 0.8) "
                                               "or cosine (default 0.95)"),
     Param("field", Kind.STRING, None, doc="MinHash: which text (default \"all\")", choices=TEXT_FIELDS),
-    Param("shingle", Kind.NUMBER, None, doc="MinHash: words per shingle (default 5)"),
-    Param("num_perm", Kind.NUMBER, None, doc="MinHash: permutations (default 128)"),
-    Param("seed", Kind.NUMBER, None, doc="MinHash: permutation seed (default 1)"),
+    Param("shingle", Kind.NUMBER, None, integer=True, low=1, doc="MinHash: words per shingle (default 5)"),
+    Param("num_perm", Kind.NUMBER, None, integer=True, low=1, high=4096, doc="MinHash: permutations (default 128)"),
+    Param("seed", Kind.NUMBER, None, integer=True, low=0, high=2**32 - 1, doc="MinHash: permutation seed (default 1)"),
     Param("normalize", Kind.BOOL, None, doc="MinHash: casefold and drop punctuation first (default true)"),
     Param("index", Kind.STRING, None, doc="cosine: flat, ivf or auto (default; flat up to 50,000 records)",
           choices=("auto", "flat", "ivf")),

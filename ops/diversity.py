@@ -38,8 +38,8 @@ def _embed_cost(ctx, idx, encoder, text="instruction_input", normalize=True, max
 @op("embed", [Param("encoder", Kind.MODEL, Ref("minilm"), doc="a sentence encoder (default: the prelude's minilm)"),
               Param("text", Kind.STRING, "instruction_input", doc="what to embed", choices=TEXT_KINDS),
               Param("normalize", Kind.BOOL, True, doc="L2-normalise the vectors"),
-              Param("max_length", Kind.NUMBER, None, doc="token limit (default: the encoder's own, 256 for MiniLM)"),
-              Param("batch", Kind.NUMBER, None,
+              Param("max_length", Kind.NUMBER, None, integer=True, low=1, doc="token limit (default: the encoder's own, 256 for MiniLM)"),
+              Param("batch", Kind.NUMBER, None, integer=True, low=1,
                     doc="encoder batch size; default 16 on CPU (less padding beats bigger batches there: "
                         "MiniLM on 2,000 Dolly texts takes 22.4 s at 16 vs 25.8 s at 64, 1.15x; "
                         "`python benchmarks/run.py embed`), 128 on CUDA")],
@@ -96,14 +96,14 @@ def _quality(ctx, quality, rows: np.ndarray, what: str) -> tuple[np.ndarray, np.
 
 # ----------------------------------------------------------------- kmeans
 @op("kmeans", [Param("features", Kind.FEATURES, doc="vectors to cluster"),
-               Param("k", Kind.NUMBER, doc="number of clusters (capped at the number of records)"),
-               Param("seed", Kind.NUMBER, 0),
-               Param("iters", Kind.NUMBER, 300, doc="at most this many Lloyd iterations"),
-               Param("tol", Kind.NUMBER, 1e-4,
+               Param("k", Kind.NUMBER, integer=True, low=1, doc="number of clusters (capped at the number of records)"),
+               Param("seed", Kind.NUMBER, 0, integer=True, low=0, high=2**32 - 1),
+               Param("iters", Kind.NUMBER, 300, integer=True, low=1, doc="at most this many Lloyd iterations"),
+               Param("tol", Kind.NUMBER, 1e-4, low=0,
                      doc="stop when the centroids move less than tol × the features' mean variance (scikit-learn's "
                          "rule and default); 0 runs every iteration"),
                Param("metric", Kind.STRING, "l2", doc="l2, or cosine (spherical k-means)", choices=("l2", "cosine")),
-               Param("n_init", Kind.NUMBER, 1, doc="restarts; the lowest inertia wins")],
+               Param("n_init", Kind.NUMBER, 1, integer=True, low=1, doc="restarts; the lowest inertia wins")],
     Kind.PARTITION, role="partition", version="2", costly=True)
 def kmeans(ctx, subset, features, k, seed=0, iters=300, tol=1e-4, metric="l2", n_init=1):
     """k-means clusters of the records that reach it (faiss; k-means++ initialisation).
@@ -169,7 +169,7 @@ def nearest(ctx, subset, features, k=None, metric="l2"):
                 Param("given", Kind.SELECTOR, None, doc="records already selected: they are centres, never picked"),
                 Param("metric", Kind.STRING, "l2", doc="l2 on the raw vectors (DiverseEvol) or cosine",
                       choices=("l2", "cosine")),
-                Param("seed", Kind.NUMBER, 0, doc="chooses the first centre when nothing is given")],
+                Param("seed", Kind.NUMBER, 0, integer=True, low=0, high=2**32 - 1, doc="chooses the first centre when nothing is given")],
     Kind.SELECTOR, role="selector", version="1", costly=True)
 def kcenter(ctx, subset, features, k, given=None, metric="l2", seed=0):
     """Greedy k-center (farthest-first): each pick is the record farthest from every centre so far.
@@ -209,15 +209,15 @@ def _with_given(subset: np.ndarray, given) -> tuple[np.ndarray, np.ndarray]:
                        doc="cosine = max(cos, 0); rbf = exp(−gamma‖x−y‖²); euclid_exp = exp(−‖x−y‖/d) "
                            "(Superfiltering-D)", choices=("cosine", "rbf", "euclid_exp")),
                  Param("quality", Kind.SCORES, None, doc="per-record quality for QDIT's (1−α)·FL + α·Σq"),
-                 Param("alpha", Kind.NUMBER, 0.0, doc="weight of the quality term, 0..1"),
-                 Param("knn", Kind.NUMBER, None, doc="sparse variant: each record counts only its knn most "
+                 Param("alpha", Kind.NUMBER, 0.0, low=0, high=1, doc="weight of the quality term, 0..1"),
+                 Param("knn", Kind.NUMBER, None, integer=True, low=1, doc="sparse variant: each record counts only its knn most "
                                                       "similar records (for pools past ~40k)"),
                  Param("optimizer", Kind.STRING, "lazy", doc="lazy (exact) or stochastic",
                        choices=("lazy", "stochastic")),
                  Param("epsilon", Kind.NUMBER, 0.01, doc="stochastic greedy's ε"),
-                 Param("gamma", Kind.NUMBER, None, doc="rbf width (default 1/d)"),
+                 Param("gamma", Kind.NUMBER, None, low=0, doc="rbf width (default 1/d)"),
                  Param("given", Kind.SELECTOR, None, doc="records already selected (they count as covered)"),
-                 Param("seed", Kind.NUMBER, 0),
+                 Param("seed", Kind.NUMBER, 0, integer=True, low=0, high=2**32 - 1),
                  Param("coverage", Kind.STRING, "mean",
                        doc="with quality: mean = (1−α)·mean coverage + α·mean quality of the picks, two "
                            "averages on one [0, 1] scale; sum = (1−α)·FL + α·Σq, the raw sums",
@@ -267,14 +267,14 @@ def facility(ctx, subset, features, k, kernel="cosine", quality=None, alpha=0.0,
 # --------------------------------------------------------------- novelsum
 @op("novelsum", [Param("features", Kind.FEATURES, doc="vectors (normalised internally for distances)"),
                  Param("k", Kind.BUDGET, doc="how many to pick"),
-                 Param("alpha", Kind.NUMBER, 1.0, doc="proximity weighting: the r-th nearest counts 1/r^alpha"),
+                 Param("alpha", Kind.NUMBER, 1.0, low=0, doc="proximity weighting: the r-th nearest counts 1/r^alpha"),
                  Param("beta", Kind.NUMBER, 0.5, doc="density power"),
-                 Param("knn", Kind.NUMBER, 10, doc="neighbours for the density estimate"),
+                 Param("knn", Kind.NUMBER, 10, integer=True, low=1, doc="neighbours for the density estimate"),
                  Param("density", Kind.STRING, "sum",
                        doc="sum = σi+σj (the selection code); row = σi (the metric); product = σi·σj",
                        choices=("sum", "row", "product")),
                  Param("quality", Kind.SCORES, None, doc="multiply each candidate's value by a quality score"),
-                 Param("seed", Kind.NUMBER, 42, doc="draws the first pick"),
+                 Param("seed", Kind.NUMBER, 42, integer=True, low=0, high=2**32 - 1, doc="draws the first pick"),
                  Param("density_index", Kind.STRING, "unique",
                        doc="unique = the density neighbours are the distinct vectors, exact duplicates never count "
                            "(the authors' code); all = every record, a duplicate counts at distance 0",
@@ -338,8 +338,8 @@ def _load_reward_model(args: dict, resources):
                Param("format", Kind.STRING, "pair",
                      doc="pair: tokenizer(prompt, response); chat: the tokenizer's chat template",
                      choices=("pair", "chat")),
-               Param("max_length", Kind.NUMBER, 512), Param("batch", Kind.NUMBER, 16),
-               Param("label", Kind.NUMBER, 0, doc="which output logit is the reward")],
+               Param("max_length", Kind.NUMBER, 512, integer=True, low=1), Param("batch", Kind.NUMBER, 16, integer=True, low=1),
+               Param("label", Kind.NUMBER, 0, integer=True, low=0, doc="which output logit is the reward")],
     Kind.SCORES, role="map", version="1", chunk_rows=512, setup=_load_reward_model,
     resources=Resources(cpus=1.0, gpus=1.0, memory_gb=2.0))
 def reward(state, chunk, model, format="pair", max_length=512, batch=16, label=0):

@@ -132,13 +132,13 @@ def _loss_missing(ctx, idx, columns, model=None, given="prompt", template="alpac
                        "header: the answer after the template's response header (Cherry v1's direct pass)",
                    choices=("prompt", "none", "header")),
              _template_param(),
-             Param("max_length", Kind.NUMBER, 512, doc="tokens; the answer is clipped to max_length − len(prompt)"),
+             Param("max_length", Kind.NUMBER, 512, integer=True, low=1, doc="tokens; the answer is clipped to max_length − len(prompt)"),
              Param("eos", Kind.BOOL, False, doc="score an EOS token after the answer (SFT-style, Small2Large)"),
              Param("direct_bos", Kind.STRING, "eos",
                    doc="direct pass without a BOS token (GPT-2): eos = start from the EOS id so every answer "
                        "token is scored; none = reference behaviour, first answer token unscored",
                    choices=("eos", "none")),
-             Param("slack", Kind.NUMBER, None,
+             Param("slack", Kind.NUMBER, None, integer=True,
                    doc="reference quirk: cut the direct pass at max_length − len(prompt) + slack "
                        "(Cherry 4/6, Superfiltering 1); none = the same tokens as the conditioned pass"),
              Param("target", Kind.STRING, "answer",
@@ -185,7 +185,7 @@ def loss(state, batch, model, given="prompt", template="alpaca", max_length=512,
 
 
 @macro("ppl", [_model_param(), Param("given", Kind.STRING, "prompt", choices=("prompt", "none", "header")),
-               _template_param(), Param("max_length", Kind.NUMBER, 512), Param("eos", Kind.BOOL, False),
+               _template_param(), Param("max_length", Kind.NUMBER, 512, integer=True, low=1), Param("eos", Kind.BOOL, False),
                Param("target", Kind.STRING, "answer", choices=("answer", "prompt"))],
        Kind.SCORES, version="1", family="lm")
 def ppl(model=None, given=None, template=None, max_length=None, eos=None, target=None):
@@ -202,12 +202,12 @@ def ppl(model=None, given=None, template=None, max_length=None, eos=None, target
                      doc="loss: CE(answer|prompt) / CE(answer) (CherryLLM); ppl: PPL ratio (Superfiltering)",
                      choices=("loss", "ppl")),
                _template_param(),
-               Param("max_length", Kind.NUMBER, 512),
+               Param("max_length", Kind.NUMBER, 512, integer=True, low=1),
                Param("direct", Kind.STRING, "none",
                      doc="the direct pass: none = the bare answer; header = after the response header (Cherry v1)",
                      choices=("none", "header")),
                Param("direct_bos", Kind.STRING, "eos", choices=("eos", "none")),
-               Param("slack", Kind.NUMBER, None)],
+               Param("slack", Kind.NUMBER, None, integer=True)],
        Kind.SCORES, version="1", family="lm")
 def ifd(model=None, kind="loss", template=None, max_length=None, direct="none", direct_bos=None, slack=None):
     """Instruction-Following Difficulty: how much the prompt helps the model predict the answer.
@@ -231,10 +231,10 @@ def ifd(model=None, kind="loss", template=None, max_length=None, direct="none", 
 
 
 @macro("lp", [Param("run", Kind.MODEL, doc="a fine-tuning run: finetune(model, data=..., epochs=3)"),
-              Param("epoch", Kind.NUMBER, 1, doc="i in LP(i) = (P[i-1] − P[i]) / (P[0] − P[last])"),
+              Param("epoch", Kind.NUMBER, 1, integer=True, low=1, doc="i in LP(i) = (P[i-1] − P[i]) / (P[0] − P[last])"),
               Param("approx", Kind.BOOL, False, doc="LP_approx = (P[0] − P[1]) / P[0], needs one epoch"),
-              Param("epochs", Kind.NUMBER, 3, doc="the run's number of epochs (P[last] = P[epochs])"),
-              _template_param(), Param("max_length", Kind.NUMBER, 512)],
+              Param("epochs", Kind.NUMBER, 3, integer=True, low=1, doc="the run's number of epochs (P[last] = P[epochs])"),
+              _template_param(), Param("max_length", Kind.NUMBER, 512, integer=True, low=1)],
        Kind.SCORES, version="1", family="lm")
 def lp(run=None, epoch=1, approx=False, epochs=3, template=None, max_length=None):
     """Small2Large's learning percentage from per-checkpoint answer perplexities.
@@ -261,11 +261,11 @@ def lp(run=None, epoch=1, approx=False, epochs=3, template=None, max_length=None
 
 # ------------------------------------------------------------ features
 @op("hidden", [_model_param(),
-               Param("layer", Kind.NUMBER, -1, doc="-1 = last layer after the final norm; 0 = embeddings"),
+               Param("layer", Kind.NUMBER, -1, integer=True, low=-1, doc="-1 = last layer after the final norm; 0 = embeddings"),
                Param("pool", Kind.STRING, "mean", doc="mean over all tokens, or the last token",
                      choices=("mean", "last")),
                Param("text", Kind.STRING, "alpaca_full_eos", doc="what to encode", choices=TEXT_KINDS),
-               Param("max_length", Kind.NUMBER, 512),
+               Param("max_length", Kind.NUMBER, 512, integer=True, low=1),
                Param("normalize", Kind.BOOL, False, doc="L2-normalise the vectors")],
     Kind.FEATURES, role="map", version="1", family="lm", chunk_rows=512, key_fn=_text_key, cost=_hidden_cost,
     setup=_load_model, resources=_LM_RESOURCES)
@@ -289,8 +289,8 @@ UNCERTAINTY_KINDS = U.DEFAULT_KINDS  # the four the op stores; sequence_logprob 
 
 
 @op("generation_stats", [_model_param(), _template_param(),
-                         Param("max_new_tokens", Kind.NUMBER, 64, doc="cap on the generated answer"),
-                         Param("max_prompt_length", Kind.NUMBER, 512,
+                         Param("max_new_tokens", Kind.NUMBER, 64, integer=True, low=1, doc="cap on the generated answer"),
+                         Param("max_prompt_length", Kind.NUMBER, 512, integer=True, low=1,
                                doc="prompts longer than this keep their last tokens (one very long prompt "
                                    "would otherwise pad its whole batch)")],
     Kind.SCORES, role="map", version="2", family="lm", chunk_rows=512,
@@ -319,8 +319,8 @@ def generation_stats(state, batch, model, template="alpaca", max_new_tokens=64, 
                        Param("kind", Kind.STRING, "min_margin",
                              doc="entropy / least_confidence (high = uncertain), mean_margin / min_margin "
                                  "(low = uncertain)", choices=UNCERTAINTY_KINDS),
-                       _template_param(), Param("max_new_tokens", Kind.NUMBER, 64),
-                       Param("max_prompt_length", Kind.NUMBER, 512)],
+                       _template_param(), Param("max_new_tokens", Kind.NUMBER, 64, integer=True, low=1),
+                       Param("max_prompt_length", Kind.NUMBER, 512, integer=True, low=1)],
        Kind.SCORES, version="1", family="lm")
 def uncertainty(model=None, kind="min_margin", template=None, max_new_tokens=None, max_prompt_length=None):
     """The model's uncertainty over its own greedy answer (Bhatt et al.'s experimental design).
@@ -366,12 +366,12 @@ def _finetune_cost(ctx, idx, model, data, epochs=1, lr=None, lora=True, lora_r=8
 
 @op("finetune", [_model_param("the base model"),
                  Param("data", (Kind.SELECTOR, Kind.DATASET), doc="the records to train on (a selection or a dataset)"),
-                 Param("epochs", Kind.NUMBER, 1),
-                 Param("lr", Kind.NUMBER, None, doc="learning rate (default 2e-4 with LoRA, 2e-5 full)"),
+                 Param("epochs", Kind.NUMBER, 1, integer=True, low=1),
+                 Param("lr", Kind.NUMBER, None, low=0, doc="learning rate (default 2e-4 with LoRA, 2e-5 full)"),
                  Param("lora", Kind.BOOL, True, doc="LoRA on the attention projections; false = full fine-tuning"),
-                 Param("lora_r", Kind.NUMBER, 8), Param("lora_alpha", Kind.NUMBER, 16),
-                 Param("batch", Kind.NUMBER, 8), Param("max_length", Kind.NUMBER, 512),
-                 _template_param(), Param("seed", Kind.NUMBER, 0),
+                 Param("lora_r", Kind.NUMBER, 8, integer=True, low=1), Param("lora_alpha", Kind.NUMBER, 16, low=0),
+                 Param("batch", Kind.NUMBER, 8, integer=True, low=1), Param("max_length", Kind.NUMBER, 512, integer=True, low=1),
+                 _template_param(), Param("seed", Kind.NUMBER, 0, integer=True, low=0, high=2**32 - 1),
                  Param("schedule", Kind.STRING, "linear", choices=("linear", "cosine", "constant"))],
     Kind.MODEL, role="value", version="2", family="lm", costly=True, key_fn=_template_key, cost=_finetune_cost)
 def finetune(ctx, model, data, epochs=1, lr=None, lora=True, lora_r=8, lora_alpha=16, batch=8, max_length=512,

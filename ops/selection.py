@@ -139,9 +139,9 @@ def _explain_band(ctx, subset, kept, scores, lo=25, hi=75, min_size=0):
 
 
 @op("band", [Param("scores", Kind.SCORES, doc="values"),
-             Param("lo", Kind.NUMBER, 25, doc="lower percentile (0-100)"),
-             Param("hi", Kind.NUMBER, 75, doc="upper percentile (0-100)"),
-             Param("min_size", Kind.NUMBER, 0,
+             Param("lo", Kind.NUMBER, 25, low=0, high=100, doc="lower percentile (0-100)"),
+             Param("hi", Kind.NUMBER, 75, low=0, high=100, doc="upper percentile (0-100)"),
+             Param("min_size", Kind.NUMBER, 0, integer=True, low=0,
                    doc="inputs with fewer scored records than this are kept whole (CherryLLM: 10)")],
     Kind.SELECTOR, role="selector", version="1", explain=_explain_band)
 def band(ctx, subset, scores, lo=25, hi=75, min_size=0):
@@ -182,7 +182,7 @@ def _explain_sample(ctx, subset, kept, k, how="stride", seed=0):
 
 
 @op("random", [Param("k", Kind.BUDGET, doc="how many to keep"),
-               Param("seed", Kind.NUMBER, 0, doc="random seed")],
+               Param("seed", Kind.NUMBER, 0, integer=True, low=0, high=2**32 - 1, doc="random seed")],
     Kind.SELECTOR, role="selector", version="1", explain=_explain_random)
 def random_(ctx, subset, k: Budget, seed=0):
     """Keep k records drawn uniformly without replacement (numpy PCG64 with ``seed``).
@@ -198,7 +198,7 @@ def random_(ctx, subset, k: Budget, seed=0):
 @op("sample", [Param("k", Kind.BUDGET, doc="how many to keep"),
                Param("how", Kind.STRING, "stride", doc="stride: evenly spaced in pool order; random: uniform",
                      choices=("stride", "random")),
-               Param("seed", Kind.NUMBER, 0, doc="random seed (how=\"random\")")],
+               Param("seed", Kind.NUMBER, 0, integer=True, low=0, high=2**32 - 1, doc="random seed (how=\"random\")")],
     Kind.SELECTOR, role="selector", version="1", explain=_explain_sample)
 def sample(ctx, subset, k: Budget, how="stride", seed=0):
     """Keep k records spread evenly over the input (CherryLLM's per-cluster rule).
@@ -247,7 +247,7 @@ def max_(ctx, a, b, c=None):
 
 
 @op("iterate", [Param("init", Kind.SELECTOR, doc="the selection to start from", applied=True),
-                Param("rounds", Kind.NUMBER, doc="how many times to apply step"),
+                Param("rounds", Kind.NUMBER, integer=True, low=0, high=10000, doc="how many times to apply step"),
                 Param("step", Kind.FUNCTION, doc="cur -> the next selection, given the current one",
                       binds=Kind.SELECTOR, returns=Kind.SELECTOR, scope="round", cache_calls=True)],
     Kind.SELECTOR, role="selector", version="2")
