@@ -249,6 +249,9 @@ def cmd_run(args) -> int:
     computed = sum(1 for n in m["nodes"] if n["status"] != "cached")
     print(f"selected {m['selected_count']} of {m['pool_size']} records "
           f"({computed} of {len(m['nodes'])} nodes computed, {time.perf_counter() - started:.1f}s)")
+    formats = m["pool"].get("formats", {})
+    if len(formats) > 1:
+        print("  --pool mixes record formats: " + ", ".join(f"{n} {f}" for f, n in sorted(formats.items())))
     for reason, count in m["exclusions"].items():
         if reason.startswith(("pool: bad record: ", "val: bad record: ")):
             dataset, _, why = reason.split(": ", 2)

@@ -2,7 +2,7 @@
 
 Containers: JSON Lines, a JSON array, Parquet, and a folder written by Hugging
 Face ``datasets.save_to_disk`` (read with pyarrow; ``datasets`` itself is not
-needed).  Record schemas, auto-detected from the first record and overridable:
+needed).  Record schemas, auto-detected per record and overridable:
 
 =================== ======================================================
 ``alpaca``          ``instruction``, optional ``input``, ``output``
@@ -15,7 +15,9 @@ needed).  Record schemas, auto-detected from the first record and overridable:
 =================== ======================================================
 
 Every record is normalised to ``{"instruction", "input", "output",
-"has_input", "messages"}``.  Multi-turn records are scored on their **last
+"has_input", "messages"}``.  Without a format given, each record's format is
+detected from its own fields, so a file mixing formats is read whole (the
+manifest counts the formats; a record of no known format is a bad record).  Multi-turn records are scored on their **last
 assistant turn**: ``output`` is that turn, ``messages`` holds every turn up to
 and including it, and ``instruction`` is the user turn just before it.
 
@@ -25,8 +27,11 @@ cached for a record are found again in any pool that contains it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +88,7 @@ class Dataset:
     total: int  # records in the file, including skipped ones
     excluded: Counter = field(default_factory=Counter)
     excluded_details: list[dict] = field(default_factory=list)
+    formats: Counter = field(default_factory=Counter)  # usable records per record format
 
     def __len__(self) -> int:
         return len(self.records)
@@ -222,9 +228,24 @@ def normalize(obj, schema: str) -> dict:
 
 
 # ------------------------------------------------------------------ readers
+_BOM = b"\xef\xbb\xbf"
+
+
+def _parse_json(text: str):
+    """``json.loads`` with the failures of one record as :class:`BadRecord` (not crashes)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        return BadRecord("malformed JSON", f"malformed JSON: {exc.msg} at column {exc.colno}")
+    except RecursionError:
+        return BadRecord("malformed JSON", "JSON nested too deeply to read")
+
+
 def _read_jsonl(path: Path):
     """Yield (position, line number, raw bytes, parsed object or BadRecord)."""
     data = path.read_bytes()
+    if data.startswith(_BOM):  # a byte-order mark is not part of the first record
+        data = data[len(_BOM):]
     position = 0
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
@@ -238,24 +259,21 @@ def _read_jsonl(path: Path):
             )
             position += 1
             continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield position, number, raw, BadRecord("malformed JSON", f"malformed JSON: {exc.msg} at column {exc.colno}")
-        else:
-            yield position, number, raw, obj
+        yield position, number, raw, _parse_json(text)
         position += 1
 
 
 def _read_json_array(path: Path):
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 (byte offset {exc.start})") from None
     try:
         items = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read") from None
     if isinstance(items, dict):
         # A single object holding one list (e.g. {"data": [...]}) is accepted.
         lists = [v for v in items.values() if isinstance(v, list)]
@@ -323,7 +341,7 @@ def container_of(path: Path) -> str:
         # Many ".json" files are really JSON Lines: a JSON array, or one object spanning
         # the whole file, is a JSON document; anything else is read line by line.
         with open(path, "rb") as f:
-            head = f.read(4096).lstrip()
+            head = f.read(4096).removeprefix(_BOM).lstrip()
         if head.startswith(b"[") or (head.startswith(b"{") and _single_object(path)):
             return "json"
         return "jsonl"
@@ -340,14 +358,14 @@ def _single_object(path: Path) -> bool:
     object (a pretty-printed document, or a broken record) makes us parse the whole file.
     """
     with open(path, "rb") as f:
-        first = f.readline()
+        first = f.readline().removeprefix(_BOM)
         try:
             json.loads(first)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             try:
                 json.loads(first + f.read())
                 return True
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 return False  # read line by line, so the error names the bad line
         return not any(chunk.strip() for chunk in iter(lambda: f.read(1 << 16), b""))
 
@@ -365,51 +383,79 @@ def load_dataset(path: str | Path, *, name: str = "pool", schema: str | None = N
         raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}")
     if schema is not None and schema not in SCHEMAS:
         raise DataError(f"unknown record format {schema!r}; known: {', '.join(SCHEMAS)}")
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
+    _check_readable(path)
     container = container_of(path)
     reader = {"jsonl": _read_jsonl, "json": _read_json_array, "parquet": _read_parquet, "hf": _read_hf_folder}[container]
 
     raw, records, positions, lines, raw_lines, hashes = [], [], [], [], [], []
     excluded: Counter = Counter()
+    formats: Counter = Counter()
     details: list[dict] = []
     total = 0
     for position, line, raw_bytes, obj in reader(path):
         total += 1
         where = f"{path}:{line}" if line else f"{path}, record {position}"
         try:
-            if isinstance(obj, BadRecord):
-                raise obj
-            if schema is None:
-                schema = detect_schema(obj)
-                if schema is None:
-                    keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
-                    raise DataError(
-                        f"{where}: cannot tell the record format from its fields ({keys}); "
-                        f"expected one of {', '.join(SCHEMAS)} (see --pool-format)"
-                    )
-            record = normalize(obj, schema)
+            record_format, record, identity = _usable(obj, schema)
         except BadRecord as bad:
             if on_bad_record == "fail":
                 raise DataError(f"{where}: {bad.detail} (use --on-bad-record skip to skip such records)") from None
             excluded[bad.reason] += 1
             details.append({"position": position, "line": line, "reason": bad.reason, "detail": bad.detail})
             continue
+        formats[record_format] += 1
         raw.append(obj)
         records.append(record)
         positions.append(position)
         lines.append(line)
         raw_lines.append(raw_bytes)
-        hashes.append(record_hash(obj))
+        hashes.append(identity)
     if not records:
         raise DataError(f"{path}: no usable records" + (f" ({sum(excluded.values())} skipped)" if excluded else ""))
+    schema = schema or (next(iter(formats)) if len(formats) == 1 else "mixed")
     hash_array = np.frombuffer(b"".join(hashes), dtype=f"S{HASH_BYTES}").copy()
     return Dataset(
         name=name, path=path, container=container, schema=schema, raw=raw, records=records,
         positions=np.asarray(positions, dtype=np.int64), lines=lines, raw_lines=raw_lines,
         hashes=hash_array, fingerprint=fingerprint_of(hash_array, schema), total=total,
-        excluded=excluded, excluded_details=details,
+        excluded=excluded, excluded_details=details, formats=formats,
     )
+
+
+def _usable(obj, schema: str | None) -> tuple[str, dict, bytes]:
+    """A read record's format, normalised form and identity, or :class:`BadRecord` saying why not."""
+    if isinstance(obj, BadRecord):
+        raise obj
+    if not isinstance(obj, dict):
+        raise BadRecord("not an object", f"expected a JSON object, got {type(obj).__name__}")
+    record_format = schema or detect_schema(obj)
+    if record_format is None:
+        keys = ", ".join(sorted(map(str, obj))[:12]) or "none"
+        raise BadRecord("unknown format", f"cannot tell the record format from its fields ({keys}); "
+                        f"expected one of {', '.join(SCHEMAS)} (see --pool-format)")
+    record = normalize(obj, record_format)
+    try:
+        identity = record_hash(obj)
+    except UnicodeEncodeError:  # JSON allows a lone surrogate escape ("\ud800"); UTF-8 text cannot hold one
+        raise BadRecord("not UTF-8", "contains a lone surrogate escape (such as \\ud800), which is not text") from None
+    return record_format, record, identity
+
+
+def _check_readable(path: Path) -> None:
+    """Refuse what cannot be read as a dataset before reading hangs or fails obscurely."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataError(f"{path}: a loop of symbolic links") from None
+        if os.path.islink(path):
+            raise DataError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist") from None
+        if exc.errno == errno.EACCES:
+            raise DataError(f"{path}: permission denied") from None
+        raise DataError(f"{path}: no such file or folder") from None
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+        raise DataError(f"{path}: not a regular file or folder (a pipe, socket or device cannot be read "
+                        "twice; save it to a file first)")
 
 
 OUTPUT_CONTAINERS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}

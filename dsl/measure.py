@@ -27,7 +27,8 @@ METRIC_WORDS = {
 
 def locate(selected_path: str | Path, pool) -> np.ndarray:
     """Pool indices of the records in ``selected_path``, matched by content."""
-    chosen = load_dataset(selected_path, name="selected", schema=pool.schema, on_bad_record="fail")
+    chosen = load_dataset(selected_path, name="selected", schema=pool.schema if pool.schema != "mixed" else None,
+                          on_bad_record="fail")
     where = {h: i for i, h in enumerate(pool.hashes.tolist())}
     idx = [where.get(h) for h in chosen.hashes.tolist()]
     missing = sum(i is None for i in idx)

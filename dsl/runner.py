@@ -19,6 +19,7 @@ from datasel.dsl.cache import Cache
 from datasel.dsl.compiler import Compiled, compile_recipe, recipe_source
 from datasel.dsl.data import DataError, Dataset, load_dataset, output_container, write_selection
 from datasel.dsl.data import default_output as default_output_path
+from datasel.dsl.depth import deep_recursion
 from datasel.dsl.engine import PERSIST_SECONDS, Engine, Values
 from datasel.dsl.estimate import estimate
 from datasel.dsl.executor import Executor
@@ -43,6 +44,7 @@ def fingerprints(datasets: dict[str, Dataset]) -> dict[str, str]:
     return {name: ds.fingerprint for name, ds in datasets.items()}
 
 
+@deep_recursion()
 def cache_state(plan: Plan, datasets: dict[str, Dataset], cache: Cache) -> dict[str, dict]:
     """For each node of the plan: ``hit`` / ``partial`` (with a fraction) / ``miss`` for this pool, and the
     work a run would still do (see :mod:`datasel.dsl.estimate`).
@@ -74,6 +76,7 @@ def _versions() -> dict:
     return out
 
 
+@deep_recursion()
 def run(recipe: str | Path, pool: str | Path, *, val: str | Path | None = None, output: str | Path | None = None,
         sets: list[str] | dict | None = None, cache_dir: str | Path | None = None, on_bad_record: str = "fail",
         pool_format: str | None = None, val_format: str | None = None, quiet: bool = False,
@@ -156,7 +159,7 @@ def _manifest(compiled: Compiled, datasets: dict[str, Dataset], engine: Engine, 
         "datasel_manifest": 1,
         "recipe": {"path": compiled.source.name, "text": text,
                    "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()},
-        "pool": {"path": str(pool.path), "format": pool.schema, "container": pool.container,
+        "pool": {"path": str(pool.path), "format": pool.schema, "formats": dict(pool.formats), "container": pool.container,
                  "fingerprint": pool.fingerprint, "records_in_file": pool.total},
         "val": ({"path": str(datasets["val"].path), "fingerprint": datasets["val"].fingerprint,
                  "size": len(datasets["val"])} if "val" in datasets else None),
@@ -185,6 +188,7 @@ class EvalResult:
     label: str
 
 
+@deep_recursion()
 def evaluate(expression: str, pool: str | Path, *, recipe: str | Path | None = None, val: str | Path | None = None,
              sets=None, cache_dir=None, on_bad_record: str = "fail", pool_format: str | None = None,
              quiet: bool = False, log=None, persist_seconds: float = PERSIST_SECONDS,
