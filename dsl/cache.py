@@ -17,10 +17,21 @@ is listed as unused and removed by ``gc --all``.
 
 Every entry is written to ``tmp/`` first, fsynced and renamed into place, so a
 reader never sees half an entry.  Every array file carries a checksum in
-``meta.json`` that is verified on read; an entry that fails verification is
-deleted and reported as missing, so the engine recomputes it.  Arrays are
-stored as ``.npy`` (loaded with ``allow_pickle=False``, memory-mapped) and
-metadata as JSON: nothing in the cache can execute code when read.
+``meta.json``, and a seal (a hash of the entry's key, file list, checksums and
+info) binds the entry to the folder it must sit in: an entry copied or moved
+under another key, a file swapped in or left out, a ``meta.json`` that is not
+the one written, all fail verification.  An entry that fails is deleted (in the
+writable layer) and reported as missing, so the engine recomputes it; the
+engine also checks what a verified entry holds against what its node must
+produce (index ranges, lengths, dtypes).  Arrays are stored as ``.npy``
+(loaded with ``allow_pickle=False``, memory-mapped) and metadata as JSON:
+nothing in the cache can execute code when read.
+
+The cache never follows a symbolic link inside its folder, and never reads or
+writes outside it: an entry, shard or file that is a link, a file name that
+leaves its folder, is treated as damage; a subfolder (``objects/ab``,
+``tmp``, ``locks`` ...) or lock file that is a link or a plain file is
+replaced by a real one, with a warning.  The cache root itself may be a link.
 
 Read-only caches: a cache folder that cannot be written (a team's shared cache
 on a read-only mount) serves hits without writing anything, not even a lock
@@ -39,7 +50,9 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -51,7 +64,7 @@ from typing import Callable
 import numpy as np
 from filelock import FileLock
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: entries carry a seal binding them to their key (format 1 entries are recomputed)
 HASH_BYTES = 16  # record hashes are 128-bit BLAKE2b digests
 
 
@@ -181,6 +194,99 @@ def _write_array(path: Path, array: np.ndarray) -> dict:
     return {"digest": _file_digest(path), "bytes": path.stat().st_size, "dtype": str(array.dtype), "shape": list(array.shape)}
 
 
+#: Names of the files of an entry (``<name>.npy``): no separators, nothing hidden, nothing that leaves the folder.
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
+
+
+def _seal(key: str, files: dict, info) -> str:
+    """The hash that binds an entry's content (file checksums, info) to its key."""
+    text = json.dumps({"format": CACHE_FORMAT, "key": key, "files": files, "info": info},
+                      sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=20).hexdigest()
+
+
+def _check_meta(meta, key: str) -> None:
+    """Raise ValueError unless ``meta`` is a well-formed, sealed description of ``key``'s entry."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+        raise ValueError("meta.json is not an entry description")
+    if meta.get("format") != CACHE_FORMAT:
+        raise ValueError(f"written in cache format {meta.get('format')!r}, this version reads {CACHE_FORMAT}")
+    if meta.get("key") != key:
+        raise ValueError("the entry belongs to another key (moved or copied here)")
+    for name, desc in meta["files"].items():
+        if not (isinstance(name, str) and _FILE_NAME.fullmatch(name) and ".." not in name):
+            raise ValueError(f"file name {str(name)[:40]!r} is not allowed")
+        if not (isinstance(desc, dict) and isinstance(desc.get("digest"), str)
+                and isinstance(desc.get("bytes"), int) and not isinstance(desc.get("bytes"), bool)):
+            raise ValueError(f"file {name!r} has no valid checksum")
+    if meta.get("seal") != _seal(key, meta["files"], meta.get("info")):
+        raise ValueError("seal mismatch (meta.json was changed)")
+
+
+def _is_link(path: Path) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _link_free(layer: Path, path: Path) -> bool:
+    """Whether ``path`` lies inside ``layer`` with no symbolic link between them (the layer itself may be one)."""
+    try:
+        parts = Path(os.path.relpath(path, layer)).parts
+    except ValueError:
+        return False
+    if not parts or parts[0] == ".." or os.path.isabs(parts[0]):
+        return False
+    current = layer
+    for part in parts:
+        if part in ("..", "."):
+            return False
+        current = current / part
+        try:
+            if stat.S_ISLNK(os.lstat(current).st_mode):
+                return False
+        except FileNotFoundError:
+            return True  # nothing below exists yet
+        except OSError:
+            return False
+    return True
+
+
+def _real_children(folder: Path) -> list[Path]:
+    """The sub-folders of ``folder`` that are real folders (links are never entered), sorted."""
+    if _is_link(folder) or not folder.is_dir():
+        return []
+    out = []
+    for child in folder.iterdir():
+        try:
+            if stat.S_ISDIR(os.lstat(child).st_mode):
+                out.append(child)
+        except OSError:
+            continue
+    return sorted(out)
+
+
+def _links_below(layer: Path) -> list[Path]:
+    """Symbolic links where the cache keeps its own folders and files (``gc`` removes them, never their targets)."""
+    found = []
+    for sub in (*_SUBFOLDERS, "claims"):
+        top = layer / sub
+        if _is_link(top):
+            found.append(top)
+            continue
+        for child in (top.iterdir() if top.is_dir() else ()):
+            if _is_link(child):
+                found.append(child)
+            elif sub in ("objects", "maps") and stat.S_ISDIR(os.lstat(child).st_mode):
+                found.extend(g for g in child.iterdir() if _is_link(g))
+    return found
+
+
+def _default_repair_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 @dataclass
 class Entry:
     """A verified cache entry: its arrays (memory-mapped) and its metadata."""
@@ -213,9 +319,12 @@ class Cache:
     """
 
     def __init__(self, root: Path | str | None = None, *, write_root: Path | str | None = None,
-                 on_corrupt: Callable[[str, str], None] | None = None):
+                 on_corrupt: Callable[[str, str], None] | None = None,
+                 on_repair: Callable[[str], None] | None = None):
         self.root = Path(root) if root is not None else default_cache_dir()
         self.on_corrupt = on_corrupt
+        self.on_repair = on_repair
+        self.repairs: list[str] = []  # every repair made (also told to on_repair, else printed)
         self.read_only_reason: str | None = None
         write = Path(write_root) if write_root is not None else default_write_dir()
         if write is not None and not _same_folder(write, self.root):
@@ -231,11 +340,34 @@ class Cache:
             self.layers = [self.root]
         if self.write_root is not None:
             for sub in _SUBFOLDERS:
-                (self.write_root / sub).mkdir(parents=True, exist_ok=True)
+                self._real_dir(self.write_root, sub)
             marker = self.write_root / "CACHEDIR.TAG"
             if not marker.exists():
                 # Tells backup tools the folder can be skipped; harmless otherwise.
                 marker.write_text("Signature: 8a477f597d28d172789f06886806bc55\n# datasel cache\n")
+
+    def _repaired(self, message: str) -> None:
+        self.repairs.append(message)
+        (self.on_repair or _default_repair_warning)(message)
+
+    def _real_dir(self, layer: Path, *parts: str) -> Path:
+        """``layer/parts...`` as real folders: a link or plain file in the way is removed (never followed)."""
+        current = layer
+        for part in parts:
+            current = current / part
+            try:
+                mode = os.lstat(current).st_mode
+            except FileNotFoundError:
+                mode = None
+            if mode is not None and not stat.S_ISDIR(mode):
+                what = "a symbolic link" if stat.S_ISLNK(mode) else "not a folder"
+                os.unlink(current)
+                self._repaired(f"cache folder {current} was {what}; replaced it with an empty folder")
+            try:
+                os.mkdir(current)
+            except FileExistsError:
+                pass
+        return current
 
     @property
     def read_only(self) -> bool:
@@ -265,7 +397,9 @@ class Cache:
         return self._object_path(self.write_root or self.root, key)
 
     def has(self, key: str) -> bool:
-        return any((self._object_path(layer, key) / "meta.json").exists() for layer in self.layers)
+        """Whether an entry for ``key`` seems to be there (not verified: :meth:`get` verifies)."""
+        return any((self._object_path(layer, key) / "meta.json").exists()
+                   and _link_free(layer, self._object_path(layer, key) / "meta.json") for layer in self.layers)
 
     def get(self, key: str) -> Entry | None:
         """The entry for ``key`` (writable layer first) after verifying its checksums, or None."""
@@ -275,19 +409,35 @@ class Cache:
                 return entry
         return None
 
-    def put(self, key: str, arrays: dict[str, np.ndarray], info: dict | None = None) -> Entry:
-        """Store ``arrays`` under ``key`` atomically in the writable layer; an existing entry wins."""
-        if not self.has(key):
-            final = self._object_path(self._writable(), key)
-            final.parent.mkdir(parents=True, exist_ok=True)
+    def put(self, key: str, arrays: dict[str, np.ndarray], info: dict | None = None, *,
+            replace: bool = False) -> Entry:
+        """Store ``arrays`` under ``key`` atomically in the writable layer; an existing entry wins
+        unless ``replace`` (the caller found the existing one wrong: see :meth:`discard`)."""
+        if replace:
+            self.discard(key, None)
+        entry = None if replace else self.get(key)
+        if entry is None:
+            layer = self._writable()
+            final = self._object_path(layer, key)
+            self._real_dir(layer, "objects", key[:2])
             self._write_entry(final, key, arrays, info or {})
-        entry = self.get(key)
-        if entry is None:  # lost a race with a corrupt writer, or the read-only copy is corrupt: write ours
+            entry = self.get(key)
+        if entry is None:  # lost a race with a corrupt writer: write ours again
             final = self._object_path(self._writable(), key)
-            final.parent.mkdir(parents=True, exist_ok=True)
             self._write_entry(final, key, arrays, info or {})
             entry = self.get(key)
         return entry
+
+    def discard(self, key: str, reason: str | None) -> None:
+        """Remove ``key``'s entry from the writable layer (reported through ``on_corrupt`` when ``reason``
+        is given): its checksums hold but its content is not what its node must produce."""
+        if self.write_root is None:
+            return
+        path = self._object_path(self.write_root, key)
+        if os.path.lexists(path):
+            if reason is not None and self.on_corrupt is not None:
+                self.on_corrupt(key, reason)
+            self._discard(path, key, reason or "replaced", writable=True, report=False)
 
     def lock(self, key: str) -> FileLock:
         """An inter-process lock for computing ``key`` (in the writable layer).
@@ -295,7 +445,23 @@ class Cache:
         Only taken to compute something, so without a writable layer it raises
         :class:`ReadOnlyCacheError` before any work is done.
         """
-        return FileLock(str(self._writable() / "locks" / f"{key}.lock"))
+        return FileLock(str(self._lock_path(self._writable(), "locks", f"{key}.lock")))
+
+    def _lock_path(self, layer: Path, *parts: str) -> Path:
+        """Where a lock file goes: its folder real, and a link or folder in its place removed (with a warning)."""
+        path = self._real_dir(layer, *parts[:-1]) / parts[-1]
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return path
+        if not stat.S_ISREG(mode):
+            what = "a symbolic link" if stat.S_ISLNK(mode) else "not a file"
+            if stat.S_ISDIR(mode):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+            self._repaired(f"lock file {path} was {what}; removed it")
+        return path
 
     def work_dir(self, key: str) -> Path:
         """A persistent folder an op may fill (e.g. checkpoints), keyed like a result.
@@ -304,25 +470,22 @@ class Cache:
         read-only one (a finished fine-tuning run is used without writing); a new
         one is created in the writable layer.
         """
-        for layer in self.layers:
-            path = layer / "work" / key
-            if path.is_dir():
-                return path
-        path = self._writable("this run needs a work folder that is not in the cache") / "work" / key
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        found = self.find_work_dir(key)
+        if found is not None:
+            return found
+        return self._real_dir(self._writable("this run needs a work folder that is not in the cache"), "work", key)
 
     def find_work_dir(self, key: str) -> Path | None:
         """The work folder of ``key`` if one exists in any layer; never creates one."""
         for layer in self.layers:
             path = layer / "work" / key
-            if path.is_dir():
+            if path.is_dir() and _link_free(layer, path):
                 return path
         return None
 
     def tmp_dir(self) -> Path:
-        path = self._writable() / "tmp" / f"{os.getpid()}-{uuid.uuid4().hex}"
-        path.mkdir(parents=True)
+        path = self._real_dir(self._writable(), "tmp") / f"{os.getpid()}-{uuid.uuid4().hex}"
+        path.mkdir()
         return path
 
     # -------------------------------------------------------------- internals
@@ -332,7 +495,8 @@ class Cache:
             files = {}
             for name, array in arrays.items():
                 files[name] = _write_array(tmp / f"{name}.npy", np.asarray(array))
-            meta = {"format": CACHE_FORMAT, "key": key, "created": time.time(), "files": files, "info": info}
+            meta = {"format": CACHE_FORMAT, "key": key, "created": time.time(), "files": files, "info": info,
+                    "seal": _seal(key, files, info)}
             with open(tmp / "meta.json", "w", encoding="utf-8") as f:
                 json.dump(meta, f, sort_keys=True)
                 f.flush()
@@ -353,18 +517,24 @@ class Cache:
         """The verified entry at ``path``, or None.  ``writable``: ``path`` is in the writable
         layer, so a corrupt entry is removed and the last-used time refreshed (never elsewhere)."""
         meta_path = path / "meta.json"
-        if not meta_path.exists():
+        if not os.path.lexists(meta_path) and not _is_link(path):
             return None
         try:
+            layer = self._layer_of(path)
+            if layer is None or not _link_free(layer, meta_path):
+                raise ValueError("the entry is reached through a symbolic link")
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            _check_meta(meta, key)
             arrays = {}
             for name, desc in meta["files"].items():
                 file = path / f"{name}.npy"
+                if not stat.S_ISREG(os.lstat(file).st_mode):
+                    raise ValueError(f"{file.name} is not a plain file")
                 if file.stat().st_size != desc["bytes"] or _file_digest(file) != desc["digest"]:
                     raise ValueError(f"checksum mismatch in {file.name}")
                 arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            self._discard(path, key, str(exc), writable=writable)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            self._discard(path, key, str(exc) or type(exc).__name__, writable=writable)
             return None
         if writable and self.write_root is not None:
             try:
@@ -373,17 +543,32 @@ class Cache:
                 pass
         return Entry(key, arrays, meta)
 
-    def _discard(self, path: Path, key: str, reason: str, *, writable: bool = True) -> None:
-        if self.on_corrupt is not None:
+    def _discard(self, path: Path, key: str, reason: str, *, writable: bool = True, report: bool = True) -> None:
+        if report and self.on_corrupt is not None:
             self.on_corrupt(key, reason)
         if not writable or self.write_root is None:
             return  # a read-only layer: reported and treated as missing, never touched
-        grave = self.write_root / "tmp" / f"corrupt-{uuid.uuid4().hex}"
+        if not _link_free(self.write_root, path.parent):
+            return  # reached through a linked folder: that folder is replaced when next written to
+        if _is_link(path):
+            os.unlink(path)  # the link itself, never what it points to
+            return
+        grave = self._real_dir(self.write_root, "tmp") / f"corrupt-{uuid.uuid4().hex}"
         try:
             os.rename(path, grave)
         except OSError:
             return
         shutil.rmtree(grave, ignore_errors=True)
+
+    def _layer_of(self, path: Path) -> Path | None:
+        """The layer ``path`` was built from (by prefix, without resolving links)."""
+        for layer in self.layers:
+            try:
+                path.relative_to(layer)
+                return layer
+            except ValueError:
+                continue
+        return None
 
     # -------------------------------------------------------------- map shards
     def claims(self, map_key: str) -> "ClaimBoard":
@@ -405,21 +590,20 @@ class Cache:
             yield from self._layer_entries(layer, writable=layer == self.write_root)
 
     def _layer_entries(self, layer: Path, writable: bool):
-        objects = layer / "objects"
-        if objects.is_dir():
-            for meta_path in sorted(objects.glob("*/*/meta.json")):
-                yield self._describe(meta_path, "object", layer, writable)
-        maps = layer / "maps"
-        for map_dir in sorted(p for p in maps.iterdir() if p.is_dir()) if maps.is_dir() else ():
-            shards = sorted(map_dir.glob("*/meta.json"))
+        for folder in _real_children(layer / "objects"):
+            for entry_dir in _real_children(folder):
+                if (entry_dir / "meta.json").is_file() and not _is_link(entry_dir / "meta.json"):
+                    yield self._describe(entry_dir / "meta.json", "object", layer, writable)
+        for map_dir in _real_children(layer / "maps"):
+            shards = [d / "meta.json" for d in _real_children(map_dir)
+                      if (d / "meta.json").is_file() and not _is_link(d / "meta.json")]
             if not shards:
                 continue
             descs = [self._describe(s, "map", layer, writable) for s in shards]
             yield dict(descs[0], key=map_dir.name, rows=sum(d.get("rows", 0) for d in descs), shards=len(descs),
                        bytes=sum(d["bytes"] for d in descs), last_used=max(d["last_used"] for d in descs),
                        path=str(map_dir))
-        work_root = layer / "work"
-        for work in sorted(p for p in work_root.iterdir() if p.is_dir()) if work_root.is_dir() else ():
+        for work in _real_children(layer / "work"):
             yield _entry("work", work.name, "work", _work_label(work), bytes=_tree_size(work),
                          last_used=work.stat().st_mtime, path=str(work), layer=str(layer), writable=writable)
         models = layer / "models"
@@ -434,9 +618,10 @@ class Cache:
         entry_dir = meta_path.parent
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             meta = {}
-        size = sum(p.stat().st_size for p in entry_dir.iterdir() if p.is_file())
+        meta = meta if isinstance(meta, dict) else {}
+        size = sum(p.lstat().st_size for p in entry_dir.iterdir() if stat.S_ISREG(p.lstat().st_mode))
         info = meta.get("info", {}) if isinstance(meta.get("info"), dict) else {}
         return _entry(kind, meta.get("key", entry_dir.name), info.get("op", "?"), info.get("label"),
                       recipe=info.get("recipe"), pool_path=info.get("pool_path"),
@@ -449,7 +634,8 @@ class Cache:
         """This cache restricted to its layer ``root`` (which must be the writable one)."""
         view = object.__new__(Cache)
         view.root, view.write_root, view.layers = root, root, [root]
-        view.on_corrupt, view.read_only_reason = self.on_corrupt, None
+        view.on_corrupt, view.on_repair, view.read_only_reason = self.on_corrupt, self.on_repair, None
+        view.repairs = self.repairs
         return view
 
     def gc(self, older_than_days: float | None = None, everything: bool = False) -> dict:
@@ -469,9 +655,16 @@ class Cache:
                                      f"({self.read_only_reason}); nothing was removed")
         root = self.write_root
         view = self._single_layer(root)
-        removed = {"entries": 0, "bytes": 0, "tmp": 0, "compacted": 0, "failed": 0, "errors": [], "root": str(root)}
+        removed = {"entries": 0, "bytes": 0, "tmp": 0, "compacted": 0, "links": 0, "failed": 0, "errors": [],
+                   "root": str(root)}
         now = time.time()
-        graveyard = root / "tmp"
+        for link in _links_below(root):  # planted or left links: removed as links, their targets untouched
+            try:
+                os.unlink(link)
+                removed["links"] += 1
+            except OSError as exc:
+                removed["errors"].append(f"link {link}: {_why(exc)}")
+        graveyard = self._real_dir(root, "tmp")
         for tmp in list(graveyard.iterdir()):
             try:
                 stale = now - tmp.lstat().st_mtime > 3600 or tmp.name.startswith(("corrupt-", ".gc-"))
@@ -510,7 +703,7 @@ class Cache:
                     removed["compacted"] += 1
                 except OSError as exc:
                     removed["errors"].append(f"map {entry['key'][:12]} ({entry['op']}): not compacted: {_why(exc)}")
-        for lock in (root / "locks").glob("*.lock"):
+        for lock in self._real_dir(root, "locks").glob("*.lock"):
             # A lock file nobody holds is just litter; FileLock recreates it on demand.
             lk = FileLock(str(lock))
             try:
@@ -664,12 +857,13 @@ class ClaimBoard:
 
     def __init__(self, cache: "Cache", map_key: str):
         self.cache = cache
-        self.dir = cache._writable("this run needs results that are not in the cache") / "claims" / map_key
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.layer = cache._writable("this run needs results that are not in the cache")
+        self.map_key = map_key
+        self.dir = cache._real_dir(self.layer, "claims", map_key)
         self._held: dict[str, tuple[int, Path]] = {}
 
     def _board_lock(self) -> FileLock:
-        return FileLock(str(self.dir / ".board.lock"))
+        return FileLock(str(self.cache._lock_path(self.layer, "claims", self.map_key, ".board.lock")))
 
     def claimed_by_others(self) -> set[bytes]:
         """Hashes claimed by other live processes (stale claims are removed on the way)."""
@@ -680,14 +874,16 @@ class ClaimBoard:
             if path.name in self._held:
                 continue
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # a planted link is not read through
             except OSError:
+                if _is_link(path):
+                    path.unlink(missing_ok=True)
                 continue
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except OSError:  # held: a live owner
-                    data = Path(path).read_bytes()
+                    data = os.read(fd, 1 << 30)
                     out.update(data[i : i + HASH_BYTES] for i in range(0, len(data), HASH_BYTES))
                     continue
                 path.unlink(missing_ok=True)  # nobody holds it: its owner died
@@ -733,6 +929,36 @@ class ClaimBoard:
 RAGGED_VALUES, RAGGED_OFFSETS = "__values", "__offsets"
 
 
+def _layout(arrays: dict) -> dict:
+    """Each column's type (its kind only for text, whose width varies by shard) and per-row shape."""
+    return {name: (a.dtype.kind if a.dtype.kind in "US" else a.dtype.str,
+                   () if name.endswith(RAGGED_VALUES) else a.shape[1:])
+            for name, a in arrays.items() if name != "keys" and not name.endswith(RAGGED_OFFSETS)}
+
+
+def _shard_problem(arrays: dict, layout: dict | None) -> str | None:
+    """Why a (checksum-verified) map shard cannot be what it claims, or None.
+
+    Every column has one row per record hash, ragged offsets run from 0 to the
+    length of their values, and every shard of a map has the same columns.
+    """
+    keys = arrays.get("keys")
+    if keys is None or keys.ndim != 1 or keys.dtype != np.dtype(f"S{HASH_BYTES}"):
+        return "the shard has no record hashes"
+    rows = len(keys)
+    for name, a in arrays.items():
+        if name.endswith(RAGGED_OFFSETS):
+            values = arrays.get(name[: -len(RAGGED_OFFSETS)] + RAGGED_VALUES)
+            if (values is None or a.ndim != 1 or a.dtype.kind not in "iu" or len(a) != rows + 1 or a[0] != 0
+                    or a[-1] != len(values) or np.any(np.diff(a) < 0)):
+                return f"ragged column {name[: -len(RAGGED_OFFSETS)]!r} has inconsistent offsets"
+        elif not name.endswith(RAGGED_VALUES) and (a.ndim == 0 or len(a) != rows):
+            return f"column {name!r} has {0 if a.ndim == 0 else len(a)} rows for {rows} records"
+    if layout is not None and _layout(arrays) != layout:
+        return "the shard's columns differ from the other shards of this map"
+    return None
+
+
 class MapStore:
     """Per-record results of one map op (one ``map key``), in append-only shards.
 
@@ -752,13 +978,22 @@ class MapStore:
     def _load(self, *, only_writable: bool = False) -> None:
         self._index = {}
         self._shards = []
+        layout = None  # the columns (name -> dtype, shape per row) of the first good shard
         for folder, writable in self._dirs:
-            if (only_writable and not writable) or not folder.is_dir():
+            if (only_writable and not writable) or _is_link(folder) or not folder.is_dir():
                 continue
-            for shard_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-                entry = self.cache._read_entry(shard_dir, f"{self.key}/{shard_dir.name}", writable=writable)
-                if entry is None or "keys" not in entry.arrays:
+            for shard_dir in sorted(folder.iterdir()):
+                name = f"{self.key}/{shard_dir.name}"
+                if not _is_link(shard_dir) and not shard_dir.is_dir():
                     continue
+                entry = self.cache._read_entry(shard_dir, name, writable=writable)
+                if entry is None:
+                    continue
+                problem = _shard_problem(entry.arrays, layout)
+                if problem is not None:
+                    self.cache._discard(shard_dir, name, problem, writable=writable)
+                    continue
+                layout = layout or _layout(entry.arrays)
                 number = len(self._shards)
                 self._shards.append(entry)
                 keys = entry.arrays["keys"]
@@ -810,8 +1045,7 @@ class MapStore:
         """Persist results for ``hashes`` as a new shard (atomic) in the writable layer."""
         if len(hashes) == 0:
             return
-        self.cache._writable()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cache._real_dir(self.cache._writable(), "maps", self.key)
         name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         arrays = {"keys": np.asarray(hashes)}
         for column, values in columns.items():

@@ -117,6 +117,49 @@ class NodeStats:
         }
 
 
+def _index_problem(name: str, a: np.ndarray, n: int) -> str | None:
+    if a.ndim != 1 or a.dtype.kind not in "iu":
+        return f"{name} is not a list of record numbers ({a.dtype}, {a.ndim}-d)"
+    if len(a) and (a.min() < 0 or a.max() >= n):
+        return f"{name} holds record numbers outside 0..{n - 1}"
+    if len(np.unique(a)) != len(a):
+        return f"{name} holds a record twice"
+    return None
+
+
+def _stored_set_problem(node: Node, entry, n: int) -> str | None:
+    """Why a verified cache entry cannot be this selection / partition node's result on a pool of ``n``
+    records (wrong arrays, record numbers out of range or repeated, lengths that disagree), or None."""
+    arrays = entry.arrays
+    if node.kind is Kind.PARTITION or node.role is Role.SET_SCORES:
+        second = "labels" if node.kind is Kind.PARTITION else "scores"
+        if "subset" not in arrays or second not in arrays:
+            return f"no subset/{second} arrays"
+        problem = _index_problem("subset", arrays["subset"], n)
+        if problem is None and (arrays[second].ndim == 0 or len(arrays[second]) != len(arrays["subset"])):
+            problem = f"{len(arrays['subset'])} records but {second} for a different number"
+        if problem is None and node.kind is Kind.PARTITION and arrays["labels"].dtype.kind not in "iu":
+            problem = "group labels are not whole numbers"
+        return problem
+    if "indices" not in arrays:
+        return "no indices array"
+    problem = _index_problem("indices", arrays["indices"], n)
+    exclusions = entry.info.get("exclusions", []) if isinstance(entry.info, dict) else []
+    if problem is None and not isinstance(exclusions, list):
+        return "exclusions are not a list"
+    for i, desc in enumerate(exclusions):
+        if problem is not None:
+            break
+        if not isinstance(desc, dict) or not isinstance(desc.get("reason"), str) or f"x{i}_indices" not in arrays:
+            return f"exclusion {i} is malformed"
+        problem = _index_problem(f"exclusion {i}", arrays[f"x{i}_indices"], n)
+        for name in desc.get("values", []) if problem is None else ():
+            column = arrays.get(f"x{i}_v_{name}")
+            if column is None or column.ndim == 0 or len(column) != len(arrays[f"x{i}_indices"]):
+                problem = f"exclusion {i} value {name!r} does not match its records"
+    return problem
+
+
 def _selection(indices: np.ndarray, pool: Dataset) -> Selection:
     indices = np.asarray(indices, dtype=np.int64)
     ordered = np.sort(indices)
@@ -210,6 +253,9 @@ class Engine:
         self._timer_children: list[float] = []
         self._log = log or (lambda msg: print(msg, file=sys.stderr))
         cache.on_corrupt = self._corrupt
+        cache.on_repair = self.warn
+        self.warnings.extend(cache.repairs)  # repairs made when the cache was opened (already printed)
+        self._rejected: set[str] = set()  # keys whose stored entry held the wrong content: overwrite them
 
     # ------------------------------------------------------------ reporting
     def log(self, message: str) -> None:
@@ -396,6 +442,12 @@ class Engine:
         entry = self.cache.get(key)
         if entry is None:
             return None
+        problem = _stored_set_problem(node, entry, len(self.pool))
+        if problem is not None:
+            self._rejected.add(key)
+            self.cache.discard(key, None)
+            self.warn(f"cache entry {key[:16]} holds a wrong result ({problem}); recomputing it")
+            return None
         if node.kind is Kind.PARTITION:
             if "labels" not in entry.arrays:
                 return None
@@ -433,10 +485,10 @@ class Engine:
     def _store_set(self, node: Node, key: str, result, exclusions: list[Exclusion] = ()) -> None:
         info = self.entry_info(node)
         if isinstance(result, Grouping):
-            self.cache.put(key, {"subset": result.subset, "labels": result.labels}, info)
+            self.cache.put(key, {"subset": result.subset, "labels": result.labels}, info, replace=key in self._rejected)
             return
         if isinstance(result, SubsetScores):
-            self.cache.put(key, {"subset": result.subset, "scores": result.scores}, info)
+            self.cache.put(key, {"subset": result.subset, "scores": result.scores}, info, replace=key in self._rejected)
             return
         arrays = {"indices": result.indices}
         described = []
@@ -447,7 +499,7 @@ class Engine:
             described.append({"reason": ex.reason, "detail": ex.detail, "values": sorted(ex.values)})
         if described:
             info["exclusions"] = described
-        self.cache.put(key, arrays, info)
+        self.cache.put(key, arrays, info, replace=key in self._rejected)
 
     def _compute_set(self, node: Node, env: dict, key: str):
         input_set = self.selection(node.input("input"), env)
@@ -590,6 +642,9 @@ class Engine:
                 value = self.value(node.input(p.name), env)
                 if isinstance(value, Dataset) and p.kind is Kind.SELECTOR:
                     value = _selection(np.arange(len(value)), value)
+                problem = p.problem(value) if isinstance(value, (int, float, np.integer, np.floating)) else None
+                if problem:  # a computed number (literals were checked when compiling)
+                    raise OpError(node, problem)
                 if p.kind is Kind.BUDGET and isinstance(value, (int, float, np.integer, np.floating)):
                     value = _count_budget(node, value)
                 args[p.name] = value
