@@ -365,7 +365,7 @@ def test_embedding_mode_matches_brute_force(emb_env, wanted):
     ("select dedup_near(features=emb, shingle=3)", "shingle only applies to MinHash"),
     ('select dedup_near(features=emb, field="output", num_perm=64)', "field, num_perm only apply to MinHash"),
     ('select dedup_near(index="flat")', "index only applies to embeddings"),
-    ("select dedup_near(threshold=1.5)", "threshold must be in (0, 1]"),
+    ("select dedup_near(threshold=1.5)", "threshold must be at most 1, got 1.5"),
     ("select dedup_near(features=emb, threshold=0)", "threshold must be in (0, 1]"),
     ("select dedup_near(shingle=0)", "shingle must be at least 1"),
     ("select dedup_near(num_perm=2.5)", "num_perm must be a whole number"),
