@@ -344,7 +344,7 @@ def _training_records(ctx, data) -> list[dict]:
 
 
 def _finetune_cost(ctx, idx, model, data, epochs=1, lr=None, lora=True, lora_r=8, lora_alpha=16, batch=8,
-                   max_length=512, template="alpaca", seed=0, schedule="linear"):
+                   max_length=512, template="alpaca", seed=0, schedule="linear", lora_dropout=0.0):
     from datasel.ops.algos.finetune import CHECKPOINT_META
 
     records = _training_records(ctx, data)
@@ -372,10 +372,12 @@ def _finetune_cost(ctx, idx, model, data, epochs=1, lr=None, lora=True, lora_r=8
                  Param("lora_r", Kind.NUMBER, 8, integer=True, low=1), Param("lora_alpha", Kind.NUMBER, 16, low=0),
                  Param("batch", Kind.NUMBER, 8, integer=True, low=1), Param("max_length", Kind.NUMBER, 512, integer=True, low=1),
                  _template_param(), Param("seed", Kind.NUMBER, 0, integer=True, low=0, high=2**32 - 1),
-                 Param("schedule", Kind.STRING, "linear", choices=("linear", "cosine", "constant"))],
+                 Param("schedule", Kind.STRING, "linear", choices=("linear", "cosine", "constant")),
+                 Param("lora_dropout", Kind.NUMBER, 0.0, low=0, high=0.99,
+                       doc="dropout on the LoRA input while training (LESS: 0.1); scoring runs without it")],
     Kind.MODEL, role="value", version="2", family="lm", costly=True, key_fn=_template_key, cost=_finetune_cost)
 def finetune(ctx, model, data, epochs=1, lr=None, lora=True, lora_r=8, lora_alpha=16, batch=8, max_length=512,
-             template="alpaca", seed=0, schedule="linear"):
+             template="alpaca", seed=0, schedule="linear", lora_dropout=0.0):
     """Fine-tune a model on records with the standard answer-only SFT loss; returns its checkpoints.
 
     The result is a checkpoint series: ``checkpoint(run, 0)`` is the starting
@@ -406,7 +408,8 @@ def finetune(ctx, model, data, epochs=1, lr=None, lora=True, lora_r=8, lora_alph
     total = len(pairs) * int(epochs)
     with ctx.progress(total, f"finetune {base.spec} on {len(pairs)} records") as bar:
         paths = F.finetune(base.spec, pairs, out_dir=out_dir, epochs=int(epochs), lr=lr, lora=bool(lora),
-                           lora_r=int(lora_r), lora_alpha=int(lora_alpha), batch_size=int(batch),
+                           lora_r=int(lora_r), lora_alpha=int(lora_alpha), lora_dropout=float(lora_dropout),
+                           batch_size=int(batch),
                            max_length=int(max_length), seed=int(seed), schedule=schedule,
                            cache_dir=ctx.cache_root, device=base.device, dtype=base.dtype,
                            progress=bar.update)

@@ -32,7 +32,7 @@ PAPER = re.compile(r"\((?:[^()]*\D)?(?:19|20)\d\d\)|\bACL\b|\bEMNLP\b|\bNAACL\b|
 # ------------------------------------------------------------------------------------ static checks
 def test_all_recipes_are_found():
     names = {p.stem for p in RECIPES}
-    assert {"qdit", "novelsum", "expdesign_diversity", "superfiltering", "cherry", "rds"} <= names
+    assert {"qdit", "novelsum", "expdesign_diversity", "superfiltering", "cherry", "rds", "less"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -105,11 +105,11 @@ def _run(name, pool, cache, sets, **kw):
     return run(name, pool, cache_dir=cache, quiet=True, sets=list(sets), **kw)
 
 
-def _values(expr, pool, cache, recipe=None, sets=()):
+def _values(expr, pool, cache, recipe=None, sets=(), val=None):
     from datasel.dsl.runner import evaluate
 
-    return np.asarray(evaluate(expr, pool, recipe=recipe, sets=list(sets), cache_dir=cache, quiet=True).values,
-                      dtype=np.float64)
+    return np.asarray(evaluate(expr, pool, recipe=recipe, sets=list(sets), cache_dir=cache, quiet=True,
+                               val=val).values, dtype=np.float64)
 
 
 def _assert_fully_cached(result):
@@ -262,6 +262,26 @@ def test_rds(pool120, tmp_path):
     V = _values('embed(minilm, text="whole")', val, cache)
     assert got == [firsts[i] for i in _naive_round_robin(W, V, k)]
     second = _run("rds", pool120, cache, [], val=val)
+    assert [int(i) for i in second.selected] == got
+    _assert_fully_cached(second)
+
+
+def test_less(pool120, tiny_llama, tmp_path):
+    cache = tmp_path / "cache"
+    val = ROOT / "examples" / "target_arithmetic.jsonl"
+    sets = [f'model=hf("{tiny_llama}")', "length=256", "rank=4", "alpha=16"]
+    first = _run("less", pool120, cache, sets, val=val)
+    got = [int(i) for i in first.selected]
+    k = int(N * 0.05)
+    assert len(got) == len(set(got)) == k
+    scores = _values('influence(train_grads, target_grads, run=warmup, groups="task")', pool120, cache,
+                     recipe="less", sets=sets, val=val)
+    assert np.isfinite(scores).all()
+    assert got == sorted(range(N), key=lambda i: (-scores[i], i))[:k]  # topk: highest, ties to the earlier record
+    X = _values("train_grads", pool120, cache, recipe="less", sets=sets)
+    assert X.shape == (N, 4 * 8192)  # one block per warmup epoch
+    np.testing.assert_allclose(np.linalg.norm(X.reshape(N, 4, 8192), axis=2), 1.0, rtol=1e-5)
+    second = _run("less", pool120, cache, sets, val=val)
     assert [int(i) for i in second.selected] == got
     _assert_fully_cached(second)
 
