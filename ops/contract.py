@@ -31,6 +31,7 @@ class Kind(enum.Enum):
     LABELS = "Labels"
     PARTITION = "Partition"
     SELECTOR = "Selector"
+    COMPONENTS = "Components"
     BUDGET = "Budget"
     NUMBER = "Number"
     STRING = "String"

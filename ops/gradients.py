@@ -11,11 +11,13 @@ from LESS's code are in :mod:`datasel.ops.algos.gradients`.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 
 from datasel.ops.algos import templates as T
 from datasel.ops.context import Work
-from datasel.ops.registry import Kind, Param, Resources, op
+from datasel.ops.registry import Budget, Kind, Param, Resources, op
 
 OPTIMIZERS = ("adam", "sgd", "sign")
 PROJECTORS = ("rademacher", "sparse", "none")
@@ -243,3 +245,63 @@ def _unit_rows(A: np.ndarray) -> np.ndarray:
     A = np.asarray(A, dtype=np.float64)
     norms = np.linalg.norm(A, axis=1, keepdims=True)
     return A / np.where(norms > 0, norms, 1)
+
+
+# ------------------------------------------------------------------ G2IS
+@op("pca", [Param("features", Kind.FEATURES, doc="the target set's features, e.g. grad(run, data=val, optimizer=\"sgd\")",
+                  any_dataset=True),
+            Param("ratio", Kind.NUMBER, 0.5, low=0, high=1,
+                  doc="variance: the explained-variance share to reach; count: the share of the rank to keep"),
+            Param("mode", Kind.STRING, "variance", choices=("variance", "count")),
+            Param("orient", Kind.STRING, "mean",
+                  doc="mean: each component points towards the mean target vector; reference: scikit-learn's "
+                      "sign (the released G2IS code)", choices=("mean", "reference"))],
+    Kind.COMPONENTS, role="value", version="1", family="gradients")
+def pca(ctx, features, ratio=0.5, mode="variance", orient="mean"):
+    """The principal directions of a target set's features with their explained-variance weights (G2IS's
+    "core knowledge"): centred PCA, as scikit-learn's, keeping the fewest components that explain
+    ``ratio`` of the variance (or ``ratio`` of the rank).  See :mod:`datasel.ops.algos.g2is`."""
+    from datasel.ops.algos.g2is import pca_components
+
+    n = len(features.dataset)
+    V = np.asarray(features.values(np.arange(n)), dtype=np.float64)
+    V = V[np.isfinite(V).all(axis=1)]  # a target record without an answer token has no gradient
+    return pca_components(V, float(ratio), mode, orient)
+
+
+@op("graphwalk", [Param("features", Kind.FEATURES, doc="the records' gradient features, e.g. grad(run)"),
+                  Param("anchors", Kind.COMPONENTS, doc="core-knowledge directions: pca(target features, 0.5)"),
+                  Param("k", Kind.BUDGET, Budget(fraction=Fraction(1, 100)), doc="how many to pick (G2IS: 1%)"),
+                  Param("delta", Kind.NUMBER, 0.8, low=0, high=1,
+                        doc="a pick may lower the walk's alignment with its component to at most this factor"),
+                  Param("knn", Kind.NUMBER, None, integer=True, low=1,
+                        doc="graph neighbours per record (the K of a top-K similarity graph); none: every record"),
+                  Param("anchor_pool", Kind.NUMBER, 1000, integer=True, low=1,
+                        doc="anchors come from this many records best aligned with each component")],
+    Kind.SELECTOR, role="selector", version="1", family="gradients", costly=True)
+def graphwalk(ctx, subset, features, anchors, k=None, delta=0.8, knn=None, anchor_pool=1000):
+    """G2IS's gradient-graph walk: per core-knowledge component, from an anchor, pick graph neighbours that
+    conflict with none of the component's picks and keep the walk aligned with the component.
+
+    Budget shared over components by their weights (largest remainder, exact); a component
+    that runs out of valid records stays under-filled, as in the reference.  Identical picks to
+    the reference loop (tested against a naive walk), one matrix-vector product per pick.
+    """
+    from datasel.ops.algos.g2is import graph_walk
+    from datasel.ops.diversity import _features
+
+    subset = np.asarray(subset, dtype=np.int64)
+    total = (k or Budget(fraction=Fraction(1, 100))).resolve(len(subset), ctx.n_pool)
+    if total <= 0 or subset.size == 0:
+        return subset[:0]
+    G = _features(features, subset, "graphwalk")
+    order, counts = graph_walk(G, anchors, total, delta=float(delta), knn=None if knn is None else int(knn),
+                               anchor_pool=int(anchor_pool))
+    picked = subset[order]
+    short = total - len(picked)
+    if short > 0:
+        left = np.setdiff1d(subset, picked)
+        ctx.exclude("graphwalk under-filled", left,
+                    detail=f"not picked: the walk found no more records free of conflict and aligned with its "
+                           f"components ({len(picked)} of {total} picked)")
+    return picked

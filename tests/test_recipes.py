@@ -32,7 +32,7 @@ PAPER = re.compile(r"\((?:[^()]*\D)?(?:19|20)\d\d\)|\bACL\b|\bEMNLP\b|\bNAACL\b|
 # ------------------------------------------------------------------------------------ static checks
 def test_all_recipes_are_found():
     names = {p.stem for p in RECIPES}
-    assert {"qdit", "novelsum", "expdesign_diversity", "superfiltering", "cherry", "rds", "less"} <= names
+    assert {"qdit", "novelsum", "expdesign_diversity", "superfiltering", "cherry", "rds", "less", "g2is"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -266,24 +266,64 @@ def test_rds(pool120, tmp_path):
     _assert_fully_cached(second)
 
 
+GRAD_SETS = ["lora_rank=4", "grad_length=256"]  # the tiny Llama's context is 512 tokens
+
+
 def test_less(pool120, tiny_llama, tmp_path):
     cache = tmp_path / "cache"
     val = ROOT / "examples" / "target_arithmetic.jsonl"
-    sets = [f'model=hf("{tiny_llama}")', "length=256", "rank=4", "alpha=16"]
+    sets = [f'model=hf("{tiny_llama}")', *GRAD_SETS]
     first = _run("less", pool120, cache, sets, val=val)
     got = [int(i) for i in first.selected]
     k = int(N * 0.05)
     assert len(got) == len(set(got)) == k
-    scores = _values('influence(train_grads, target_grads, run=warmup, groups="task")', pool120, cache,
+    scores = _values('influence(grad_adam, val_grad, run=warmup, groups="task")', pool120, cache,
                      recipe="less", sets=sets, val=val)
     assert np.isfinite(scores).all()
     assert got == sorted(range(N), key=lambda i: (-scores[i], i))[:k]  # topk: highest, ties to the earlier record
-    X = _values("train_grads", pool120, cache, recipe="less", sets=sets)
+    X = _values("grad_adam", pool120, cache, recipe="less", sets=sets)
     assert X.shape == (N, 4 * 8192)  # one block per warmup epoch
     np.testing.assert_allclose(np.linalg.norm(X.reshape(N, 4, 8192), axis=2), 1.0, rtol=1e-5)
     second = _run("less", pool120, cache, sets, val=val)
     assert [int(i) for i in second.selected] == got
     _assert_fully_cached(second)
+    # G2IS on the same pool, target and warmup computes no gradient: the nodes are shared
+    g2is = _run("g2is", pool120, cache, sets, val=val)
+    grads = [n for n in g2is.manifest["nodes"] if n["op"] in ("grad", "finetune")]
+    assert len(grads) == 3 and all(n["status"] == "cached" for n in grads), grads
+
+
+def _naive_g2is():
+    spec = importlib.util.spec_from_file_location("naive_g2is", ROOT / "tests" / "ops" / "algos" / "test_g2is.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.naive_walk
+
+
+def test_g2is(pool120, tiny_llama, tmp_path):
+    from datasel.dsl.runner import run
+
+    from datasel.ops.algos.g2is import pca_components
+
+    cache = tmp_path / "cache"
+    sets = [f'model=hf("{tiny_llama}")', *GRAD_SETS]
+    # the target set is the pool itself here, so that its features can be read back with evaluate
+    first = _run("g2is", pool120, cache, sets, val=pool120)
+    assert len(first.selected) == int(N * 0.01) == 1
+    second = _run("g2is", pool120, cache, sets, val=pool120)
+    assert [int(i) for i in second.selected] == [int(i) for i in first.selected]
+    _assert_fully_cached(second)
+    # the walk through the engine, with a bigger budget, against the naive walk
+    text = "select graphwalk(grad_adam, anchors=pca(val_grad, 0.5), k=12)\n"
+    got = [int(i) for i in run("g.sel", pool120, val=pool120, recipe_text=text, sets=sets, cache_dir=cache,
+                               quiet=True).selected]
+    G = _values("grad_adam", pool120, cache, recipe="g2is", sets=sets, val=pool120)
+    V = _values('grad(warmup, optimizer="sgd", template="tulu", max_length=grad_length)', pool120, cache,
+                recipe="g2is", sets=sets, val=pool120)
+    assert G.shape == V.shape == (N, 4 * 8192) and not np.allclose(G, V)
+    comps = pca_components(V, 0.5)
+    assert got == _naive_g2is()(G, comps, 12)
+    assert len(got) == 12 and got[0] == first.selected[0]
 
 
 def test_recipe_set_overrides_show_in_manifest(pool120, tiny_llama, tmp_path):
