@@ -7,7 +7,6 @@ from datasel.ops.registry import planned
 _GRADIENTS = "the per-example LoRA gradient operators (LESS, G2IS, ClusterUCB)"
 planned("grad_sgd", _GRADIENTS)
 planned("less", "the gradient-feature operators (LESS)")
-planned("bandit", "the ClusterUCB bandit selector")
 planned("golden", "the Nuggets golden-score operator")
 planned("whisper", "the Data Whisperer in-context scoring operator")
 planned("mig", "the MIG label-graph selector")

@@ -32,7 +32,7 @@ PAPER = re.compile(r"\((?:[^()]*\D)?(?:19|20)\d\d\)|\bACL\b|\bEMNLP\b|\bNAACL\b|
 # ------------------------------------------------------------------------------------ static checks
 def test_all_recipes_are_found():
     names = {p.stem for p in RECIPES}
-    assert {"qdit", "novelsum", "expdesign_diversity", "superfiltering", "cherry", "rds", "less", "g2is"} <= names
+    assert {"qdit", "novelsum", "expdesign_diversity", "superfiltering", "cherry", "rds", "less", "g2is", "clusterucb"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -291,6 +291,32 @@ def test_less(pool120, tiny_llama, tmp_path):
     g2is = _run("g2is", pool120, cache, sets, val=val)
     grads = [n for n in g2is.manifest["nodes"] if n["op"] in ("grad", "finetune")]
     assert len(grads) == 3 and all(n["status"] == "cached" for n in grads), grads
+
+
+def test_clusterucb(pool120, tiny_llama, tmp_path):
+    cache = tmp_path / "cache"
+    val = ROOT / "examples" / "target_arithmetic.jsonl"
+    sets = [f'model=hf("{tiny_llama}")', *GRAD_SETS, "clusters=4"]
+    first = _run("clusterucb", pool120, cache, sets, val=val)
+    got = [int(i) for i in first.selected]
+    assert len(got) == len(set(got)) == int(N * 0.05)
+    rows = sorted(n["rows_computed"] for n in first.manifest["nodes"] if n["op"] == "grad")
+    # the early clustering features for all 120, the warmup's gradients only for the 24 drawn (20%),
+    # the target set's for its records
+    assert int(N * 0.2) in rows and N in rows, rows
+    drawn = [i for i in range(N) if i not in set(_fates(first, "not drawn"))]
+    assert len(drawn) == int(N * 0.2)
+    scores = _values("reward", pool120, cache, recipe="clusterucb", sets=sets, val=val)
+    assert got == sorted(drawn, key=lambda i: (-scores[i], i))[: int(N * 0.05)]
+    second = _run("clusterucb", pool120, cache, sets, val=val)
+    assert [int(i) for i in second.selected] == got
+    _assert_fully_cached(second)
+
+
+def _fates(result, reason):
+    """Pool positions whose manifest reason contains ``reason``."""
+    table = result.manifest["records"]
+    return [p for p, r in zip(table["position"], table["reason"]) if r and reason in r]
 
 
 def _naive_g2is():

@@ -576,11 +576,11 @@ def test_kmeans_pipeline_compiles_or_fails_precisely():
 
 
 def test_planned_operators_are_not_available_yet():
-    diags = diagnostics("select bandit(golden, 3)")
+    diags = diagnostics("select whisper(golden, 3)")
     by_col = {d.span.column: d.message for d in diags}
-    assert set(by_col) == {8, 15}
-    assert by_col[8].startswith("operator 'bandit' is not available yet: it arrives with ")
-    assert by_col[15].startswith("'golden' is not available yet: it arrives with ")
+    assert set(by_col) == {8, 16}
+    assert by_col[8].startswith("operator 'whisper' is not available yet: it arrives with ")
+    assert by_col[16].startswith("'golden' is not available yet: it arrives with ")
 
 
 def test_the_design_cards_g2is_example_compiles():
