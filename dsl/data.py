@@ -12,7 +12,15 @@ needed).  Record schemas, auto-detected per record and overridable:
 ``sharegpt``        ``conversations``: ``[{from, value}, ...]``
 ``qa``              ``question``, ``answer`` (GSM8K style)
 ``input_target``    ``input``, ``target`` (BIG-Bench style)
+``multiple_choice`` ``question``, ``choices`` (a list), ``answer`` (a letter
+                    or an index), optional ``subject`` (MMLU style)
 =================== ======================================================
+
+A multiple-choice record is rendered as LESS renders MMLU (Xia et al., ICML
+2024; princeton-nlp/LESS ``less/data_selection/get_validation_dataset.py``):
+the instruction is "The following are multiple choice questions (with
+answers) about {subject}." (when there is a subject), the question, the
+lettered choices ("A. …") and "Answer:"; the response is the answer's letter.
 
 Every record is normalised to ``{"instruction", "input", "output",
 "has_input", "messages"}``.  Without a format given, each record's format is
@@ -40,7 +48,7 @@ import numpy as np
 
 from datasel.dsl.cache import HASH_BYTES
 
-SCHEMAS = ("alpaca", "prompt_completion", "messages", "sharegpt", "qa", "input_target")
+SCHEMAS = ("alpaca", "prompt_completion", "messages", "sharegpt", "qa", "input_target", "multiple_choice")
 BAD_RECORD_POLICIES = ("fail", "skip")
 
 _SHAREGPT_ROLES = {
@@ -134,6 +142,8 @@ def detect_schema(obj: dict) -> str | None:
         return "prompt_completion"
     if "instruction" in keys:
         return "alpaca"
+    if {"question", "choices", "answer"} <= keys:
+        return "multiple_choice"
     if {"question", "answer"} <= keys:
         return "qa"
     if {"input", "target"} <= keys:
@@ -183,6 +193,32 @@ def _from_turns(turns: list[dict]) -> dict:
             "has_input": False, "messages": kept}
 
 
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _multiple_choice(obj: dict) -> tuple[str, str]:
+    """(prompt, answer letter) of a multiple-choice record, rendered as LESS renders MMLU."""
+    question = _text(obj, "question")
+    choices = obj.get("choices")
+    if not isinstance(choices, list) or not 2 <= len(choices) <= len(_LETTERS) or not all(
+            isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices):
+        raise BadRecord("wrong type", f"field 'choices' should be a list of 2 to {len(_LETTERS)} strings")
+    answer = obj.get("answer")
+    letters = _LETTERS[: len(choices)]
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+        letter = letters[answer]
+    elif isinstance(answer, str) and answer.strip().upper() in letters and answer.strip():
+        letter = answer.strip().upper()
+    else:
+        raise BadRecord("bad answer", f"field 'answer' should be one of {', '.join(letters)} or an index "
+                                      f"0..{len(choices) - 1}, got {answer!r}")
+    subject = obj.get("subject")
+    head = (f"The following are multiple choice questions (with answers) about "
+            f"{str(subject).replace('_', ' ')}.\n\n" if isinstance(subject, str) and subject else "")
+    options = "\n".join(f"{letters[i]}. {c}" for i, c in enumerate(choices))
+    return f"{head}{question}\n{options}\nAnswer:", letter
+
+
 def normalize(obj, schema: str) -> dict:
     """The normalised form of one raw record (raises :class:`BadRecord`)."""
     if not isinstance(obj, dict):
@@ -218,6 +254,10 @@ def normalize(obj, schema: str) -> dict:
                   "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
     elif schema == "input_target":
         q, a = _text(obj, "input"), _text(obj, "target")
+        record = {"instruction": q, "input": "", "output": a, "has_input": False,
+                  "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    elif schema == "multiple_choice":
+        q, a = _multiple_choice(obj)
         record = {"instruction": q, "input": "", "output": a, "has_input": False,
                   "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
     else:
