@@ -974,10 +974,13 @@ class MapStore:
         self._dirs = [(layer / "maps" / map_key, layer == cache.write_root) for layer in cache.layers]
         self._index: dict[bytes, tuple[int, int]] | None = None
         self._shards: list[Entry] = []
+        self._layout: dict | None = None
+        self._seen: set[str] = set()
 
     def _load(self, *, only_writable: bool = False) -> None:
         self._index = {}
         self._shards = []
+        self._seen = self._on_disk()
         layout = None  # the columns (name -> dtype, shape per row) of the first good shard
         for folder, writable in self._dirs:
             if (only_writable and not writable) or _is_link(folder) or not folder.is_dir():
@@ -994,15 +997,35 @@ class MapStore:
                     self.cache._discard(shard_dir, name, problem, writable=writable)
                     continue
                 layout = layout or _layout(entry.arrays)
-                number = len(self._shards)
-                self._shards.append(entry)
-                keys = entry.arrays["keys"]
-                for row, h in enumerate(keys.tobytes()[i : i + HASH_BYTES]
-                                        for i in range(0, keys.nbytes, HASH_BYTES)):
-                    self._index.setdefault(h, (number, row))
+                self._add_shard(entry)
+        self._layout = layout
+
+    def _add_shard(self, entry: Entry) -> None:
+        number = len(self._shards)
+        self._shards.append(entry)
+        # Full 16-byte hashes as dict keys (a "V" view keeps trailing zero bytes that "S" would strip).
+        keys = np.ascontiguousarray(entry.arrays["keys"]).view(f"V{HASH_BYTES}").tolist()
+        index = self._index
+        for row, h in enumerate(keys):
+            if h not in index:
+                index[h] = (number, row)
+
+    def _on_disk(self) -> set[str]:
+        """The shard folder names in every layer now (a cheap listing, no reading)."""
+        names: set[str] = set()
+        for folder, _ in self._dirs:
+            if not _is_link(folder) and folder.is_dir():
+                names.update(f"{folder}/{p.name}" for p in folder.iterdir())
+        return names
 
     def refresh(self) -> None:
         """Re-read the shards on disk (another process may have added some)."""
+        self._load()
+
+    def refresh_if_changed(self) -> None:
+        """Re-read the shards only when the folders list shards this store has not read."""
+        if self._index is not None and not (self._on_disk() - self._seen):
+            return
         self._load()
 
     def locate(self, hashes: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int] | None]]:
@@ -1058,7 +1081,17 @@ class MapStore:
             arrays[column + RAGGED_VALUES] = np.asarray(flat) if flat else np.zeros(0, dtype="<U1")
             arrays[column + RAGGED_OFFSETS] = np.cumsum([0] + [len(row) for row in lists], dtype=np.int64)
         self.cache._write_entry(self.dir / name, f"{self.key}/{name}", arrays, dict(info, rows=len(hashes)))
-        self._index = None  # re-read lazily, including our own shard
+        if self._index is None:
+            return  # read lazily, with our own shard
+        # Add our own shard to the index instead of re-reading (and re-verifying) every shard: a map
+        # filled group by group would otherwise re-read the whole map after each group.
+        entry = self.cache._read_entry(self.dir / name, f"{self.key}/{name}", writable=True)
+        if entry is None or _shard_problem(entry.arrays, self._layout) is not None:
+            self._index = None
+            return
+        self._layout = self._layout or _layout(entry.arrays)
+        self._add_shard(entry)
+        self._seen.add(f"{self.dir}/{name}")
 
     def count(self, hashes: np.ndarray) -> int:
         found, _ = self.locate(hashes)

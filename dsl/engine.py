@@ -236,6 +236,7 @@ class Engine:
         self.persist_seconds = float(persist_seconds)
         self.datasets = datasets
         self.cache = cache
+        self._stores: dict = {}  # one MapStore per map key for the whole run (see _store)
         self.quiet = quiet
         self.probe = probe
         self.progress = progress or Progress(not quiet)
@@ -664,12 +665,16 @@ class Engine:
         dataset = handle.dataset
         if len(idx) == 0:
             return np.zeros((0,))
-        store = self.cache.map_store(handle.key)
+        store = self._store(handle.key)
         found, where = store.locate(dataset.hashes[idx])
         found_before = found
         if not found.all():
             if self.probe:
                 raise NotCached(node.id)
+            store.refresh_if_changed()  # another process sharing the cache may have stored some since
+            found, where = store.locate(dataset.hashes[idx])
+            found_before = found
+        if not found.all():
             missing = idx[~found]
             # Identical records are computed once.
             _, first = np.unique(dataset.hashes[missing], return_index=True)
@@ -684,6 +689,13 @@ class Engine:
         if not found.all():
             raise OpError(node, "results missing from the cache after computing them")
         return store.read(column, where)
+
+    def _store(self, key: str):
+        """The run's one MapStore per map key: its index of record hashes is built once, not per call
+        (a per-group selector asks for its features once per group)."""
+        if key not in self._stores:
+            self._stores[key] = self.cache.map_store(key)
+        return self._stores[key]
 
     def _fill_rows(self, handle: Values, store, rows: np.ndarray) -> None:
         """Compute the missing ``rows`` of a map node batch by batch, saving each batch as it finishes.

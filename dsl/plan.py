@@ -21,6 +21,9 @@ this order (:data:`PASSES`):
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import hashlib
 import itertools
 import json
@@ -118,12 +121,24 @@ class Node:
     def label(self) -> str:
         """A short readable description of what the node computes."""
         if self.spec.label is not None:
-            return self.spec.label(**self.params)
+            # A label names what it needs (``lambda op: ...``); literal arguments given by name
+            # (``arith(x, 0, "+")`` folds right=0 into the params) are not its business.
+            wanted = _label_params(self.spec.label)
+            return self.spec.label(**{k: v for k, v in self.params.items() if wanted is None or k in wanted})
         defaults = {p.name: canonical(p.default) for p in self.spec.params if not p.required}
         # Show what the recipe chose; defaults are in `datasel ops NAME` and the JSON plan.
         shown = {k: v for k, v in self.params.items() if k not in defaults or defaults[k] != v}
         args = ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
         return f"{self.op}({args})" if args else self.op
+
+
+@functools.lru_cache(maxsize=None)
+def _label_params(fn) -> frozenset | None:
+    """The parameter names a label function takes (None when it takes ``**kwargs``)."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params)
 
 
 def _fmt(value: Any) -> str:

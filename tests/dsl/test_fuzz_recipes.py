@@ -552,6 +552,13 @@ class Typed:
         features = self.expr(Kind.FEATURES, depth - 1)[0]
         return f"kmeans({features}, {self.int_(1, 4)})", ATOM
 
+    def k_components(self, depth: int):
+        named = self.from_names(Kind.COMPONENTS)
+        if named and self.chance(30):
+            return named
+        features = self.expr(Kind.FEATURES, depth - 1)[0]
+        return f"pca({features}, {self.pick(['0.5', '0.9', '1'])})", ATOM
+
     def k_budget(self, depth: int):
         choice = self.int_(0, 9)
         if choice <= 3:

@@ -252,3 +252,9 @@ def test_deep_set_expression_is_a_positioned_error():
 def test_recipe_at_the_documented_depth_runs(run_recipe):
     out = run_recipe(deep_recipes(MAX_DEPTH)["pipe"], records(60))
     assert len(out.selected) == 40
+
+
+def test_a_builtin_called_by_name_with_literal_arguments_runs(run_recipe):
+    # Found by the fuzz suite: arith(x, 0, "+") folded right=0 into the node, and its label crashed.
+    out = run_recipe('select 3 < arith(length, 0, "+")', records(6))
+    assert out.selected == [3, 4, 5]
