@@ -717,8 +717,9 @@ class Engine:
         static = {k: v for k, v in args.items() if not isinstance(v, Values)}
         per_record = {k: v for k, v in args.items() if isinstance(v, Values)}
         limit = max(1, spec.chunk_rows)
+        floor = min(limit, max(1, spec.min_batch_rows))
         adaptive = self.executor.name == "local"
-        size = [min(limit, FIRST_CHUNK_ROWS) if adaptive else min(limit, RAY_BATCH_ROWS)]
+        size = [max(floor, min(limit, FIRST_CHUNK_ROWS)) if adaptive else max(floor, min(limit, RAY_BATCH_ROWS))]
         rows = rows[np.argsort(dataset.sizes[rows], kind="stable")]
         hashes = dataset.hashes[rows]
         info = dict(self.entry_info(node), version=spec.code_version)
@@ -774,8 +775,8 @@ class Engine:
                     stats.rows_computed += len(batch)
                     bar.update(len(batch))
                     if adaptive:
-                        size[0] = int(min(limit, max(1, len(batch) * self.persist_seconds / took))) if took > 0 \
-                            else limit
+                        size[0] = int(min(limit, max(floor, len(batch) * self.persist_seconds / took))) \
+                            if took > 0 else limit
         except PASS_THROUGH:
             raise
         except Exception as exc:

@@ -443,6 +443,9 @@ class OpSpec:
     family: str = ""
     costly: bool = False
     chunk_rows: int = 4096
+    #: the smallest batch worth a call: for ops with a large fixed cost per call (drawing a
+    #: projection matrix), so that sizing batches by time does not shrink them to single rows
+    min_batch_rows: int = 1
     columns: tuple[Column, ...] = (Column("value"),)
     setup: Callable[..., Any] | None = None
     resources: Resources = Resources()

@@ -110,7 +110,7 @@ def _template_key(template: str, **_) -> str:
                    doc="tokens; longer records keep their prompt and lose the end of the answer"),
              Param("batch_size", Kind.NUMBER, 4, integer=True, low=1,
                    doc="records per forward/backward pass (length-sorted)")],
-    Kind.FEATURES, role="map", version="1", family="gradients", chunk_rows=128, key_fn=_template_key,
+    Kind.FEATURES, role="map", version="1", family="gradients", chunk_rows=128, min_batch_rows=64, key_fn=_template_key,
     cost=_grad_cost, setup=_setup, resources=_RESOURCES)
 def grad(state, batch, run, optimizer="adam", adam="code", dim=8192, projector="rademacher", seed=0,
          normalize=True, template="alpaca", max_length=512, batch_size=4):
@@ -141,9 +141,11 @@ def grad(state, batch, run, optimizer="adam", adam="code", dim=8192, projector="
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))  # length buckets: little padding
     factors = G.lora_factors(model)
-    for c, (adapter, moments) in enumerate(checkpoints):
+    # Every checkpoint's features first, then one projection of them all: the projection matrix is
+    # the same for every checkpoint, and drawing it (not multiplying by it) is what a call costs.
+    parts: dict[str, list] = {}
+    for adapter, moments in checkpoints:
         set_peft_model_state_dict(model, adapter)
-        parts: dict[str, list] = {}
         for s in range(0, len(order), micro):
             chunk = [examples[i] for i in order[s:s + micro]]
             grads = G.per_example_grads(model, chunk, pad, factors)
@@ -151,8 +153,11 @@ def grad(state, batch, run, optimizer="adam", adam="code", dim=8192, projector="
                 key = _moment_name(name, moments)
                 feature = G.optimizer_feature(g, optimizer, moments[key] if moments is not None else None, adam)
                 parts.setdefault(name, []).append(feature)
-        with torch.no_grad():
-            block = proj.project({n: torch.cat(v) for n, v in parts.items()}).cpu().numpy()
+    with torch.no_grad():
+        projected = proj.project({n: torch.cat(v) for n, v in parts.items()}).cpu().numpy()
+    n = len(order)
+    for c in range(len(checkpoints)):
+        block = projected[c * n:(c + 1) * n]
         if normalize:
             norms = np.linalg.norm(block, axis=1, keepdims=True)
             block = block / np.where(norms > 0, norms, 1)

@@ -99,6 +99,7 @@ def op(
     family: str = "",
     costly: bool = False,
     chunk_rows: int = 4096,
+    min_batch_rows: int = 1,
     columns: Iterable[Column | str] = ("value",),
     setup: Callable[..., Any] | None = None,
     resources: Resources = Resources(),
@@ -152,6 +153,7 @@ def op(
         _REGISTRY[name] = OpSpec(
             name=name, params=params, result=result, role=role, version=version, doc=doc, fn=fn,
             family=family or (fn.__module__ or "ops").rsplit(".", 1)[-1], costly=costly, chunk_rows=chunk_rows,
+            min_batch_rows=min_batch_rows,
             columns=_columns(columns), setup=setup, resources=resources, maps_over=maps_over, key_fn=key_fn,
             explain=explain, why_missing=why_missing, cost=cost, partition_budget=partition_budget, label=label,
             syntax=tuple(syntax), filters_rows=filters_rows, fingerprint=code_fingerprint(fn, setup, key_fn),
