@@ -679,6 +679,7 @@ class Engine:
             # Identical records are computed once.
             _, first = np.unique(dataset.hashes[missing], return_index=True)
             self._fill_rows(handle, store, missing[np.sort(first)])
+            store.refresh_if_changed()  # rows another process computed while we filled ours
             found, where = store.locate(dataset.hashes[idx])
         # A row counts as cached if it was in the cache the first time this run asked for it.
         if stats.seen is None or len(stats.seen) != len(dataset):

@@ -5,13 +5,18 @@ import numpy as np
 import pytest
 
 from datasel.ops.contract import Kind
-from datasel.ops.registry import get, op
+from datasel.ops.registry import op
 
 pytestmark = pytest.mark.usefixtures("cache_dir")
 
 SIZES: list[int] = []
 
-if get("batch_probe") is None:
+
+@pytest.fixture(autouse=True)
+def probe_ops():
+    """Two map ops that record their batch sizes, registered for these tests only."""
+    from datasel.ops import registry
+
     @op("batch_probe", [], Kind.SCORES, role="map", version="1", chunk_rows=50, min_batch_rows=12)
     def batch_probe(state, batch):
         """Records the size of every batch it is given (a test op)."""
@@ -23,6 +28,10 @@ if get("batch_probe") is None:
         """The same without a floor (a test op)."""
         SIZES.append(len(batch))
         return np.ones(len(batch))
+
+    yield
+    for name in ("batch_probe", "batch_probe_free"):
+        registry._REGISTRY.pop(name, None)
 
 
 def _pool(n):

@@ -55,6 +55,7 @@ def expressions(llama: Path, reward_model: Path) -> dict[str, str]:
         "embed": "embed(minilm)",
         "reward": f'reward(hf("{reward_model}"))',
         "minhash": "minhash(shingle=2)",
+        "grad": f"grad(finetune({m}, data=random(3, seed=0), epochs=1, lr=0.05, batch=2, lora_r=2), dim=16)",
     }
 
 
@@ -66,7 +67,8 @@ def test_every_map_op_is_covered():
     assert maps == set(expressions(Path("x"), Path("y")))
 
 
-@pytest.mark.parametrize("op", ["length", "field", "loss", "hidden", "generation_stats", "embed", "reward", "minhash"])
+@pytest.mark.parametrize("op", ["length", "field", "loss", "hidden", "generation_stats", "embed", "reward", "minhash",
+                                "grad"])
 def test_ray_gives_the_values_the_local_executor_gives(op, tmp_path, tiny_llama_dir, tiny_reward_dir, ray_executor):
     expr = expressions(tiny_llama_dir, tiny_reward_dir)[op]
     pool = _pool(tmp_path)
