@@ -1022,11 +1022,12 @@ class MapStore:
         """Re-read the shards on disk (another process may have added some)."""
         self._load()
 
-    def refresh_if_changed(self) -> None:
-        """Re-read the shards only when the folders list shards this store has not read."""
+    def refresh_if_changed(self) -> bool:
+        """Re-read the shards only when the folders list shards this store has not read; whether it did."""
         if self._index is not None and not (self._on_disk() - self._seen):
-            return
+            return False
         self._load()
+        return True
 
     def locate(self, hashes: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int] | None]]:
         """For each record hash: whether it is stored, and where."""

@@ -734,8 +734,9 @@ class Engine:
 
             def choose(taken):
                 shared[0] = shared[0] or bool(taken)
-                if shared[0]:
-                    store.refresh()
+                # Rows another process stored since we last looked (it may hold no claim right now,
+                # between two of its batches) are done: never compute them again.
+                if store.refresh_if_changed() or shared[0]:
                     done[:] |= store.locate(hashes)[0]
                 pending = np.flatnonzero(~done)
                 free = pending[[h not in taken for h in hashes[pending].tolist()]] if taken else pending
