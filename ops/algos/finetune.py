@@ -175,6 +175,17 @@ def _split_head(model):
     return decoder, head
 
 
+def answer_logits(model, input_ids, mask, sel):
+    """Logits at the positions ``sel`` (B, T-1) that predict answer tokens, only those through the output layer
+    for plain-head architectures."""
+    split = _split_head(model)
+    if split is not None:
+        decoder, head = split
+        hidden = decoder(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return head(hidden[:, :-1][sel])
+    return model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1][sel]
+
+
 def batch_loss(model, batch, *, autocast: bool | None = None):
     """Answer-only CE of one collated batch: ``(token-mean loss, number of answer tokens)``.
 
@@ -195,13 +206,7 @@ def batch_loss(model, batch, *, autocast: bool | None = None):
         autocast = device.type == "cuda"
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with ctx:
-        split = _split_head(model)
-        if split is not None:
-            decoder, head = split
-            hidden = decoder(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
-            logits = head(hidden[:, :-1][sel])
-        else:
-            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1][sel]
+        logits = answer_logits(model, input_ids, mask, sel)
     if n == 0:
         return logits.float().sum() * 0.0, 0
     loss = F.cross_entropy(logits.float(), targets[sel], reduction="sum") / n

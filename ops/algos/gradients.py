@@ -91,20 +91,14 @@ def _token_losses(model, batch) -> torch.Tensor:
     """Σ over records of each record's token-mean answer CE (the loss whose gradient splits by record)."""
     import torch.nn.functional as F
 
-    from datasel.ops.algos.finetune import _split_head
+    from datasel.ops.algos.finetune import answer_logits
 
     device = next(model.parameters()).device
     input_ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
     targets = batch["labels"].to(device)[:, 1:]
     sel = targets != -100
-    split = _split_head(model)
-    if split is not None:
-        decoder, head = split
-        hidden = decoder(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
-        logits = head(hidden[:, :-1][sel])
-    else:
-        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1][sel]
+    logits = answer_logits(model, input_ids, mask, sel)
     ce = F.cross_entropy(logits.float(), targets[sel], reduction="none")
     rows = torch.nonzero(sel, as_tuple=True)[0]
     per_row = torch.zeros(len(input_ids), dtype=ce.dtype, device=ce.device).index_add_(0, rows, ce)
