@@ -195,6 +195,9 @@ def evaluate(expression: str, pool: str | Path, *, recipe: str | Path | None = N
              cache_write: str | Path | None = None, executor: Executor | None = None) -> EvalResult:
     """Evaluate a Scores, Features or Partition expression for every pool record.
 
+    Per-record values of another dataset (``grad(run, data=val)``) are given for every record of
+    that dataset instead.
+
     Names resolve in the prelude and, with ``recipe``, the recipe's bindings.
     """
     source = recipe_source(recipe) if recipe is not None else recipe_source("", name="<eval>")
@@ -220,6 +223,10 @@ def evaluate(expression: str, pool: str | Path, *, recipe: str | Path | None = N
         values[selection.indices] = True
     else:
         handle = engine.value(plan.output, {})
+        if isinstance(handle, Values) and handle.dataset is not pool_ds:
+            # per-record values of another dataset (grad(run, data=val)): that dataset's rows
+            rows = handle.dataset
+            return EvalResult(kind, np.asarray(handle.values(np.arange(len(rows)))), rows.positions, expression)
         values = handle.values(everything) if isinstance(handle, Values) else np.full(len(pool_ds), handle)
     return EvalResult(kind, np.asarray(values), pool_ds.positions, expression)
 

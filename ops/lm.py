@@ -364,6 +364,11 @@ def _finetune_cost(ctx, idx, model, data, epochs=1, lr=None, lora=True, lora_r=8
     return work
 
 
+def _whole(x):
+    """A whole number as an int (so a run's configuration hash is the same however it was written)."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
 @op("finetune", [_model_param("the base model"),
                  Param("data", (Kind.SELECTOR, Kind.DATASET), doc="the records to train on (a selection or a dataset)"),
                  Param("epochs", Kind.NUMBER, 1, integer=True, low=1),
@@ -389,9 +394,17 @@ def finetune(ctx, model, data, epochs=1, lr=None, lora=True, lora_r=8, lora_alph
     fine-tuning trains in fp32.
     """
     from datasel.ops.algos import finetune as F
-    from datasel.ops.models import Checkpoints, base_lm
+    from datasel.ops.models import Checkpoints, LoraModel, base_lm
 
     base = base_lm(model)
+    targets = None
+    if isinstance(model, LoraModel):
+        if not lora:
+            raise ValueError("finetune: a lora(...) model is trained with LoRA; drop lora=false, or pass the base model")
+        if (int(lora_r), float(lora_alpha), float(lora_dropout)) != (8, 16.0, 0.0):
+            raise ValueError("finetune: the model is lora(...), which sets the adapter; give r, alpha and dropout "
+                             "there, not lora_r / lora_alpha / lora_dropout here")
+        lora_r, lora_alpha, lora_dropout, targets = model.r, model.alpha, model.dropout, model.targets
     # Train in content-hash order, the order the cache key uses, so the same records
     # give the same run however the pool is ordered.
     if hasattr(data, "records"):  # a whole dataset
@@ -408,8 +421,8 @@ def finetune(ctx, model, data, epochs=1, lr=None, lora=True, lora_r=8, lora_alph
     total = len(pairs) * int(epochs)
     with ctx.progress(total, f"finetune {base.spec} on {len(pairs)} records") as bar:
         paths = F.finetune(base.spec, pairs, out_dir=out_dir, epochs=int(epochs), lr=lr, lora=bool(lora),
-                           lora_r=int(lora_r), lora_alpha=int(lora_alpha), lora_dropout=float(lora_dropout),
-                           batch_size=int(batch),
+                           lora_r=int(lora_r), lora_alpha=_whole(lora_alpha), lora_dropout=float(lora_dropout),
+                           target_modules=list(targets) if targets is not None else None, batch_size=int(batch),
                            max_length=int(max_length), seed=int(seed), schedule=schedule,
                            cache_dir=ctx.cache_root, device=base.device, dtype=base.dtype,
                            progress=bar.update)

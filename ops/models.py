@@ -262,13 +262,118 @@ class Checkpoint:
         return self.base.device
 
 
+@dataclass
+class LoraModel:
+    """A base model with an untrained LoRA adapter's settings (``lora(model, r=…)``), for ``finetune``.
+
+    Untrained, the adapter is the identity (its B factors start at zero), so wherever a model is
+    scored this is its base model.
+    """
+
+    base: LM
+    r: int
+    alpha: float
+    dropout: float
+    targets: tuple | None  # None: the attention projections found by name
+
+    def load(self):
+        return self.base.load()
+
+    @property
+    def dtype(self) -> str:
+        return self.base.dtype
+
+    @property
+    def device(self) -> str:
+        return self.base.device
+
+
 def base_lm(model) -> LM:
     """The :class:`LM` behind a model value (a checkpoint's base model, say)."""
     if isinstance(model, LM):
         return model
-    if isinstance(model, (Checkpoints, Checkpoint)):
+    if isinstance(model, (Checkpoints, Checkpoint, LoraModel)):
         return model.base
     raise ValueError(f"expected a language model, got {type(model).__name__}")
+
+
+@op("lora", [Param("model", Kind.MODEL, doc="the base model (hf(...))"),
+             Param("r", Kind.NUMBER, 8, integer=True, low=1, doc="rank (LESS: 128)"),
+             Param("alpha", Kind.NUMBER, 16, low=0, doc="scale numerator: updates are scaled by alpha / r (LESS: 512)"),
+             Param("dropout", Kind.NUMBER, 0.0, low=0, high=0.99,
+                   doc="dropout on the adapter's input while training (LESS: 0.1); scoring runs without it"),
+             Param("targets", (Kind.LIST, Kind.NONE), None,
+                   doc='module names to adapt, e.g. ["q_proj", "k_proj", "v_proj", "o_proj"] (LESS); '
+                       "default: the attention projections found by name")],
+    Kind.MODEL, role="value", version="1", family="models")
+def lora(ctx, model, r=8, alpha=16, dropout=0.0, targets=None):
+    """A LoRA adapter's settings on a base model, trained by ``finetune(lora(model, r=128, alpha=512), …)``.
+
+    ``finetune``'s own ``lora_r`` / ``lora_alpha`` / ``lora_dropout`` say the same for the common
+    case; ``lora(...)`` also chooses the adapted modules.  Module names are checked against the
+    model when the run starts (a name that matches no linear layer is an error listing the ones
+    that exist).
+    """
+    if not isinstance(model, LM):
+        raise ValueError("lora needs a base model such as hf(\"smollm\"), not a fine-tuned run or another adapter")
+    if targets is not None:
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(f"lora: targets must be a non-empty list of module names, got {targets!r}")
+        targets = tuple(targets)
+    return LoraModel(model, int(r), float(alpha), float(dropout), targets)
+
+
+def _hf_checkpoints_key(dir: str, allow_pickle: bool = False) -> str:
+    from datasel.ops.algos import hf_checkpoints
+
+    return "hf-checkpoints:" + hf_checkpoints.fingerprint(dir)
+
+
+@op("checkpoints", [Param("model", Kind.MODEL, doc="the base model the adapters were trained on"),
+                    Param("dir", Kind.STRING, doc="a Trainer output_dir (checkpoint-<step>/ folders) or one checkpoint"),
+                    Param("allow_pickle", Kind.BOOL, False,
+                          doc="read optimizer.pt / adapter_model.bin, which are Python pickles (with "
+                              "torch.load(weights_only=True)); without it the Adam moments are not read")],
+    Kind.MODEL, role="value", version="1", family="models", key_fn=_hf_checkpoints_key)
+def checkpoints(ctx, model, dir, allow_pickle=False):
+    """LoRA checkpoints written by Hugging Face's ``Trainer`` (LESS's warmup), as a fine-tuning run.
+
+    Use it where ``grad`` and ``influence`` take ``finetune(...)``: ``grad(checkpoints(model,
+    "out/llama2-7b-p0.05-lora-seed3"))``.  Each ``checkpoint-<step>/`` is one block, in step
+    order.  ``optimizer.pt`` keys the Adam moments by position, not by name (LESS issues 4, 10,
+    44); positions are mapped to the adapter's parameter names by the Trainer's parameter-group
+    order, every shape is checked, and the run's log says what was matched.  Each checkpoint's
+    weight in ``influence`` is the mean learning rate the Trainer logged over its steps
+    (``trainer_state.json``).  The checkpoints are converted once into the cache.
+    """
+    from datasel.ops.algos import hf_checkpoints, lm_loading
+
+    if not isinstance(model, LM):
+        raise ValueError("checkpoints needs the base model (hf(...)) the adapters were trained on")
+    base = model
+    quiet_transformers()
+
+    def build_peft(folder):
+        from peft import PeftModel
+
+        from datasel.ops.algos.finetune import _peft_quietly
+
+        fresh = lm_loading.load_causal_lm(base.spec, dtype="float32", device="cpu", cache_dir=base.cache_root,
+                                          memo=False, log=base.log, allow_pickle=base.allow_pickle)
+        if isinstance(fresh, tuple):  # (model, tokenizer)
+            fresh = fresh[0]
+        with lm_loading.hub_offline(), _peft_quietly():
+            return PeftModel.from_pretrained(fresh, str(folder), is_trainable=True)
+
+    out = ctx.work_dir()
+    paths, report = hf_checkpoints.convert(dir, out, build_peft, base_spec=base.spec,
+                                           allow_pickle=bool(allow_pickle), log=ctx.log)
+    for line in report["matched"]:
+        if "no moments" in line:
+            ctx.log("checkpoints: " + line)
+    return Checkpoints(base, paths, key=str(out.name), info={"source": report["source"], "steps": report["steps"],
+                                                           "learning_rates": report["learning_rates"],
+                                                           "optimizer": report["matched"]})
 
 
 @op("checkpoint", [Param("run", Kind.MODEL, doc="a fine-tuning run (finetune(...))"),

@@ -283,6 +283,15 @@ def default_target_modules(model) -> list[str]:
 # identity, checkpoints
 
 
+def _check_targets(targets: list[str], modules: dict) -> None:
+    """Every target names at least one linear layer (peft matches a name as a suffix of module paths)."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if n and _is_linear(m)})
+    for t in targets:
+        if not any((n == t or n.endswith("." + t)) and _is_linear(m) for n, m in modules.items()):
+            raise ValueError(f"LoRA target {t!r} matches no linear layer of this model; its linear layers are "
+                             f"named {', '.join(leaves)}")
+
+
 def _nothing_to_restore() -> None:
     pass
 
@@ -603,6 +612,7 @@ def _finetune_locked(given, base_model, tokenizer, base_spec, base_fp, examples,
 
                 targets = list(target_modules) if target_modules is not None else default_target_modules(base_model)
                 modules = dict(base_model.named_modules())
+                _check_targets(targets, modules)
                 # GPT-2's Conv1D stores weights transposed; peft must be told (it warns otherwise).
                 conv1d = any(type(modules.get(t)).__name__ == "Conv1D" for t in targets)
                 lcfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,

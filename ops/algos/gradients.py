@@ -254,6 +254,13 @@ def read_moments(checkpoint: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor
 
     path = Path(checkpoint) / _OPTIMIZER_FILE
     if not path.is_file():
+        from datasel.ops.algos.finetune import _read_meta
+
+        source = (_read_meta(Path(checkpoint)) or {}).get("source")
+        if source is not None:
+            raise ValueError(f"the Trainer checkpoints in {source} gave no Adam moments for {Path(checkpoint).name} "
+                             f"(their optimizer.pt is read only with checkpoints(..., allow_pickle=true), and must "
+                             f"exist); or use grad(..., optimizer=\"sgd\")")
         raise ValueError(f"{checkpoint} has no optimiser state ({_OPTIMIZER_FILE}); the adam feature needs the "
                          f"moments of a checkpoint after at least one epoch")
     tensors = load_file(str(path))
@@ -277,6 +284,13 @@ def epoch_learning_rates(meta: dict) -> list[float]:
     """
     from datasel.ops.algos.finetune import lr_factor
 
+    if "epoch_lrs" in meta:  # a run read by checkpoints("dir"): the rates its Trainer logged
+        lrs = meta["epoch_lrs"]
+        if any(lr is None for lr in lrs):
+            raise ValueError(f"influence: the Trainer logged no learning rate up to some checkpoints of "
+                             f"{meta.get('source', 'this run')} (steps {meta.get('steps')}); weigh them equally "
+                             f"with influence(..., weights=\"uniform\")")
+        return [float(lr) for lr in lrs]
     config = meta["config"]
     spe = int(meta["steps_per_epoch"])
     epochs = int(config["epochs"])
