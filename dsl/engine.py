@@ -348,7 +348,10 @@ class Engine:
                     # consumer of per-record values of another dataset (similarity's target=embed(minilm,
                     # data=val)) adds that dataset's fingerprint: another --val is another result.
                     data_node = self.plan.nodes[data]
-                    if data_node.role is Role.DATASET and data_node.params["name"] != "pool":
+                    # A value computed from the pool's per-record values (knn_graph over the pool) has no
+                    # selection input to carry the pool's identity: it adds the pool's too.
+                    if data_node.role is Role.DATASET and (data_node.params["name"] != "pool"
+                                                           or node.role is Role.VALUE):
                         part = part + (self.key(data_node.id, env),)
                 parts.append(part)
             body_key = None

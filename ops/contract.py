@@ -32,6 +32,7 @@ class Kind(enum.Enum):
     PARTITION = "Partition"
     SELECTOR = "Selector"
     COMPONENTS = "Components"
+    GRAPH = "Graph"
     BUDGET = "Budget"
     NUMBER = "Number"
     STRING = "String"

@@ -282,26 +282,38 @@ def pca(ctx, features, ratio=0.5, mode="variance", orient="mean"):
                   Param("knn", Kind.NUMBER, None, integer=True, low=1,
                         doc="graph neighbours per record (the K of a top-K similarity graph); none: every record"),
                   Param("anchor_pool", Kind.NUMBER, 1000, integer=True, low=1,
-                        doc="anchors come from this many records best aligned with each component")],
+                        doc="anchors come from this many records best aligned with each component"),
+                  Param("graph", (Kind.GRAPH, Kind.NONE), None,
+                        doc="neighbour lists to walk instead of the features' own similarities, e.g. "
+                            "knn_graph(embed(minilm), 10)")],
     Kind.SELECTOR, role="selector", version="1", family="gradients", costly=True)
-def graphwalk(ctx, subset, features, anchors, k=None, delta=0.8, knn=None, anchor_pool=1000):
+def graphwalk(ctx, subset, features, anchors, k=None, delta=0.8, knn=None, anchor_pool=1000, graph=None):
     """G2IS's gradient-graph walk: per core-knowledge component, from an anchor, pick graph neighbours that
     conflict with none of the component's picks and keep the walk aligned with the component.
 
     Budget shared over components by their weights (largest remainder, exact); a component
     that runs out of valid records stays under-filled, as in the reference.  Identical picks to
     the reference loop (tested against a naive walk), one matrix-vector product per pick.
+    With ``graph``, the walk follows its neighbour lists (neighbours that did not reach the walk
+    are skipped); conflicts and alignment are still judged on ``features``.
     """
     from datasel.ops.algos.g2is import graph_walk
     from datasel.ops.diversity import _features
 
     subset = np.asarray(subset, dtype=np.int64)
+    if graph is not None and knn is not None:
+        raise ValueError("graphwalk: give knn (the features' own top-K graph) or graph, not both")
     total = (k or Budget(fraction=Fraction(1, 100))).resolve(len(subset), ctx.n_pool)
     if total <= 0 or subset.size == 0:
         return subset[:0]
     G = _features(features, subset, "graphwalk")
+    neighbours = None
+    if graph is not None:
+        if graph.fingerprint != ctx.dataset("pool").fingerprint:
+            raise ValueError("graphwalk: the graph is over another dataset than the pool; build it from pool features")
+        neighbours = graph.restricted(subset)
     order, counts = graph_walk(G, anchors, total, delta=float(delta), knn=None if knn is None else int(knn),
-                               anchor_pool=int(anchor_pool))
+                               anchor_pool=int(anchor_pool), neighbours=neighbours)
     picked = subset[order]
     short = total - len(picked)
     if short > 0:

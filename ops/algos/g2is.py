@@ -106,8 +106,12 @@ def _unit(G: np.ndarray) -> np.ndarray:
 
 
 def graph_walk(G: np.ndarray, components: Components, budget: int, *, delta: float = 0.8, knn: int | None = None,
-               anchor_pool: int = 1000) -> tuple[np.ndarray, list[int]]:
-    """G2IS's walk over rows of ``G`` (n, d): ``(picked rows in order, picks per component)``."""
+               anchor_pool: int = 1000, neighbours: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
+    """G2IS's walk over rows of ``G`` (n, d): ``(picked rows in order, picks per component)``.
+
+    ``neighbours`` (n, K): a given graph's lists (rows of ``G``, most similar first, −1 padding)
+    used in place of the similarities of ``G``.
+    """
     G = _unit(G)
     n = len(G)
     if G.shape[1] != components.vectors.shape[1]:
@@ -144,12 +148,17 @@ def graph_walk(G: np.ndarray, components: Components, budget: int, *, delta: flo
             if not valid.any():
                 break
             # the last pick's graph neighbours, most similar first (itself excluded)
-            sims = last_dot.copy()
-            sims[picks[-1]] = -np.inf
-            if knn is not None and knn < n - 1:
+            if neighbours is not None:
+                near = np.asarray(neighbours[picks[-1]])
+                near = near[near >= 0]
+            elif knn is not None and knn < n - 1:
+                sims = last_dot.copy()
+                sims[picks[-1]] = -np.inf
                 near = np.argpartition(-sims, knn)[:knn]
                 near = near[np.lexsort((near, -sims[near]))]
             else:
+                sims = last_dot.copy()
+                sims[picks[-1]] = -np.inf
                 near = np.lexsort((np.arange(n), -sims))
             ok = near[valid[near]]
             if ok.size:

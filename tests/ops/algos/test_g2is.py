@@ -9,15 +9,17 @@ import pytest
 from datasel.ops.algos import g2is
 
 
-def naive_walk(G, comps, budget, delta=0.8, knn=None, anchor_pool=1000):
-    """The released code's loop: Python checks per candidate, a precomputed neighbour list per row."""
+def naive_walk(G, comps, budget, delta=0.8, knn=None, anchor_pool=1000, graph=None):
+    """The released code's loop: Python checks per candidate, a precomputed neighbour list per row
+    (``graph``, or the top ``knn`` of ``G``'s own cosines)."""
     G = [np.asarray(g, dtype=np.float64) / max(np.linalg.norm(g), 1e-10) for g in G]
     n = len(G)
-    graph = []
-    for i in range(n):
-        sims = [(float(G[i] @ G[j]), j) for j in range(n) if j != i]
-        sims.sort(key=lambda t: (-t[0], t[1]))
-        graph.append([j for _, j in sims][: knn if knn is not None else n])
+    if graph is None:
+        graph = []
+        for i in range(n):
+            sims = [(float(G[i] @ G[j]), j) for j in range(n) if j != i]
+            sims.sort(key=lambda t: (-t[0], t[1]))
+            graph.append([j for _, j in sims][: knn if knn is not None else n])
     shares = g2is.share_budget(min(budget, n), comps.weights)
     selected, order = set(), []
     for c, b_c in enumerate(shares):
@@ -74,6 +76,20 @@ def test_vectorised_walk_equals_the_naive_walk(knn, delta, orient):
     want = naive_walk(G, comps, 30, delta=delta, knn=knn, anchor_pool=50)
     assert got.tolist() == want
     assert sum(counts) == len(got) and len(set(got.tolist())) == len(got)
+
+
+@pytest.mark.parametrize("k", [3, 12])
+def test_a_given_graph_is_walked_as_the_naive_walk_walks_it(k):
+    from datasel.ops.algos.knn import knn_graph
+
+    G, V = _data()
+    E = np.random.default_rng(9).standard_normal((len(G), 5))  # another space: the graph is not G's own
+    neighbours, _ = knn_graph(E, k)
+    comps = g2is.pca_components(V, 0.5)
+    got, _ = g2is.graph_walk(G, comps, 30, neighbours=neighbours, anchor_pool=50)
+    want = naive_walk(G, comps, 30, anchor_pool=50, graph=neighbours.tolist())
+    assert got.tolist() == want
+    assert got.tolist() != g2is.graph_walk(G, comps, 30, knn=k, anchor_pool=50)[0].tolist()
 
 
 def test_walk_with_many_components_and_small_budget_shares_exactly():
