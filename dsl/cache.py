@@ -162,6 +162,39 @@ def _remove_tree(path: Path, graveyard: Path) -> str | None:
     return None
 
 
+#: Array files smaller than this are read into memory; larger ones are memory-mapped.  A memory map
+#: holds a file descriptor for its lifetime (Python's mmap keeps a duplicate), so mapping every
+#: small shard of a map filled in many batches (15,625 shards for 1,000,000 rows in Ray's batches
+#: of 64) runs a process out of descriptors.
+MMAP_MIN_BYTES = 4 << 20
+
+#: Errors that say the process lacks a resource, not that an entry is damaged: never a reason to
+#: discard the entry.
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN})
+
+
+class CacheResourceError(RuntimeError):
+    """Reading the cache failed for want of a resource (file descriptors, memory), not a damaged entry."""
+
+
+def _load_array(file: Path, size: int, digest: str) -> np.ndarray:
+    """The verified array in ``file``: read whole when small, memory-mapped when large."""
+    import io
+
+    if file.stat().st_size != size:
+        raise ValueError(f"checksum mismatch in {file.name}")
+    if size < MMAP_MIN_BYTES:
+        data = file.read_bytes()
+        if hashlib.blake2b(data, digest_size=20).hexdigest() != digest:
+            raise ValueError(f"checksum mismatch in {file.name}")
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+        array.flags.writeable = False  # as a read-only memory map is: an entry is never changed in place
+        return array
+    if _file_digest(file) != digest:
+        raise ValueError(f"checksum mismatch in {file.name}")
+    return np.load(file, mmap_mode="r", allow_pickle=False)
+
+
 def _file_digest(path: Path) -> str:
     h = hashlib.blake2b(digest_size=20)
     with open(path, "rb") as f:
@@ -530,10 +563,16 @@ class Cache:
                 file = path / f"{name}.npy"
                 if not stat.S_ISREG(os.lstat(file).st_mode):
                     raise ValueError(f"{file.name} is not a plain file")
-                if file.stat().st_size != desc["bytes"] or _file_digest(file) != desc["digest"]:
-                    raise ValueError(f"checksum mismatch in {file.name}")
-                arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+                arrays[name] = _load_array(file, desc["bytes"], desc["digest"])
+        except OSError as exc:
+            if exc.errno in _RESOURCE_ERRNOS:
+                raise CacheResourceError(
+                    f"could not read cache entry {key} ({exc.strerror}): the process ran out of "
+                    f"{'memory' if exc.errno == errno.ENOMEM else 'file descriptors'}; the entry is intact "
+                    f"(raise the limit, e.g. `ulimit -n`, and rerun)") from exc
+            self._discard(path, key, str(exc) or type(exc).__name__, writable=writable)
+            return None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             self._discard(path, key, str(exc) or type(exc).__name__, writable=writable)
             return None
         if writable and self.write_root is not None:

@@ -5,8 +5,10 @@ Alpaca; seeded samples, non-empty responses), and GSM8K test questions as the ta
 (``--val``).  Each targeted recipe picks the same share of the pool; the probe reports the share
 of GSM8K-train records among its picks, next to their share in the pool and among seeded random
 picks of the same size (mean and spread over seeds), and each recipe's wall time.  All recipes
-share one cache, so the warmup and the gradient features are computed once (by the first
-gradient recipe) and reused, as in normal use.
+share one cache, so the warmup and the gradient features are computed once and reused, as in normal use;
+ClusterUCB runs first, on the empty cache, so its gradient nodes show the share of the pool whose
+gradients it computed (LESS then computes the rest), and the overlap of the two selections is
+printed.
 
     .venv/bin/python benchmarks/quality/targeted.py [--per-source 80] [--targets 30] [--share 10%]
 
@@ -35,11 +37,12 @@ SOURCES = {"dolly": "dolly.jsonl", "gsm8k": "gsm8k_train_alpaca.jsonl", "code": 
 
 def recipes(share: str) -> dict[str, tuple[str, list[str]]]:
     """name -> (recipe text, --set lines): the shipped recipes' selections at one common budget."""
+    # ClusterUCB first: on the empty cache its grad nodes show the share of the pool it computed.
     return {
-        "less": (f'select topk(influence(grad_adam, val_grad, run=warmup, groups="task"), {share})', []),
-        "g2is": (f"select graphwalk(grad_adam, anchors=pca(val_grad, 0.5), k={share})", []),
         "clusterucb": ((HERE.parent.parent / "recipes" / "clusterucb.sel").read_text(encoding="utf-8")
                        .replace("topk(reward, 5% of pool)", f"topk(reward, {share} of pool)"), ["clusters=8"]),
+        "less": (f'select topk(influence(grad_adam, val_grad, run=warmup, groups="task"), {share})', []),
+        "g2is": (f"select graphwalk(grad_adam, anchors=pca(val_grad, 0.5), k={share})", []),
         "rds": ((HERE.parent.parent / "recipes" / "rds.sel").read_text(encoding="utf-8"),
                 [f"budget={share} of pool"]),
     }
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
     src = np.asarray(sources)
     n = len(src)
     base_sets = ["grad_length=512"]
-    rows = []
+    rows, chosen = [], {}
     for name, (text, sets) in recipes(args.share).items():
         if args.only and name not in args.only:
             continue
@@ -103,7 +106,12 @@ def main(argv=None) -> int:
                if len(picked) else None, "code_share": round(float((src[picked] == "code").mean()), 3) if len(picked) else None,
                "seconds": round(seconds, 1), "grad_rows_computed": grad_rows}
         rows.append(row)
+        chosen[name] = set(picked.tolist())
         print(json.dumps(row), flush=True)
+    if "less" in chosen and "clusterucb" in chosen:
+        a, b = chosen["less"], chosen["clusterucb"]
+        print(json.dumps({"name": "overlap", "less_clusterucb_common": len(a & b),
+                          "jaccard": round(len(a & b) / max(1, len(a | b)), 3)}), flush=True)
     k = max((r["picked"] for r in rows), default=int(round(n * 0.1)))
     draws = [float((src[np.random.default_rng(s).choice(n, size=k, replace=False)] == "gsm8k").mean())
              for s in range(100)]

@@ -492,3 +492,48 @@ def test_entries_list_model_folders_not_their_lock_files(cache):
     found = [e for e in cache.entries() if e["kind"] == "model"]
     assert [e["key"] for e in found] == ["tiny-model-abc"]
     assert found[0]["bytes"] == 2
+
+
+# ------------------------------------------------------------------ descriptors and resource errors
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_many_small_shards_hold_no_file_descriptors(cache):
+    store = cache.map_store("f" * 32)
+    for i in range(300):  # a map filled in 300 small batches, as the Ray executor fills one
+        store.append(hashes(f"r{i}"), {"value": np.array([float(i)])}, {"op": "t"})
+    reader = cache.map_store("f" * 32)
+    before = _open_fds()
+    found, where = reader.locate(hashes(*[f"r{i}" for i in range(300)]))
+    assert found.all()
+    assert _open_fds() - before < 10  # memory-mapping each shard's two files would hold 600
+    assert reader.read("value", where).tolist() == [float(i) for i in range(300)]
+
+
+def test_large_arrays_are_still_memory_mapped(cache):
+    key = "c1" + "7" * 30
+    big = np.arange(cache_mod.MMAP_MIN_BYTES // 8 + 1, dtype=np.float64)
+    cache.put(key, {"v": big, "small": np.arange(3)})
+    entry = cache.get(key)
+    assert isinstance(entry.arrays["v"], np.memmap) and not isinstance(entry.arrays["small"], np.memmap)
+    with pytest.raises(ValueError):
+        entry.arrays["small"][0] = 5  # read-only, as a memory map is
+
+
+def test_running_out_of_descriptors_keeps_the_entry_and_says_so(cache, monkeypatch):
+    import errno
+
+    key = "d1" + "8" * 30
+    cache.put(key, {"v": np.arange(10)})
+
+    def no_fds(self):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(Path, "read_bytes", no_fds)
+    with pytest.raises(cache_mod.CacheResourceError, match="file descriptors.*intact"):
+        cache.get(key)
+    monkeypatch.undo()
+    assert cache.object_dir(key).is_dir()  # not discarded as corrupt
+    np.testing.assert_array_equal(cache.get(key).arrays["v"], np.arange(10))
