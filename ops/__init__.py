@@ -6,4 +6,4 @@ One module per family; adding an operator is one declaration in one of them
 :mod:`datasel.ops.algos` as plain functions on arrays and models.
 """
 
-from datasel.ops import bandit, builtins, dedup, diversity, gradients, graphs, groups, lm, models, planned, scores, selection, targeted  # noqa: F401
+from datasel.ops import bandit, builtins, dedup, diversity, gradients, graphs, groups, labels, lm, models, planned, scores, selection, targeted  # noqa: F401

@@ -12,7 +12,7 @@ from pathlib import Path
 
 RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 NAMES = {"facility", "facility_sparse", "kcenter", "kmeans", "novelsum", "embed", "ifd", "loss", "hidden",
-         "uncertainty", "dedup_minhash", "dedup_cosine", "scale_1m", "scale_minilm", "grad_features", "graphwalk"}
+         "uncertainty", "dedup_minhash", "dedup_cosine", "scale_1m", "scale_minilm", "grad_features", "graphwalk", "mig"}
 REQUIRED = {"name", "n", "k", "ours_s", "baseline", "baseline_s", "speedup", "same_result"}
 
 

@@ -357,3 +357,39 @@ def test_recipe_set_overrides_show_in_manifest(pool120, tiny_llama, tmp_path):
     result = _run("novelsum", pool120, tmp_path / "cache", [f'model=hf("{tiny_llama}")'])
     text = json.dumps(result.manifest)
     assert str(tiny_llama) in text
+
+
+def test_mig(tmp_path):
+    from datasel.ops.algos import mig as M
+    from datasel.ops.algos.lm_loading import load_encoder
+
+    rng = np.random.default_rng(0)
+    topics = ["math", "arithmetic", "algebra", "coding", "python", "poetry", "poem writing", "history"]
+    rows = []
+    for i in range(60):
+        tags = sorted(set(rng.choice(topics, size=int(rng.integers(0, 4)), replace=False).tolist()))
+        annotation = {"instag": {"content": tags},
+                      "deita": {"quality_scores": rng.uniform(1, 6, 2).tolist(),
+                                "complexity_scores": rng.uniform(1, 6, 2).tolist()}}
+        if i == 7:
+            del annotation["deita"]  # no quality score: left out and counted
+        rows.append({"dialogs": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+                     "annotation": annotation})
+    pool = tmp_path / "mig.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    sets: list[str] = []
+    result = _run("mig", pool, tmp_path / "cache", sets)
+    got = [int(i) for i in result.selected]
+    assert len(got) == 3  # 5% of 60
+    usable = [i for i, r in enumerate(rows) if r["annotation"]["instag"]["content"] and "deita" in r["annotation"]]
+    vocabulary = sorted({t for i in usable for t in rows[i]["annotation"]["instag"]["content"]})
+    E = load_encoder("minilm").encode(vocabulary, normalize_embeddings=True)
+    graph = M.label_graph(vocabulary, E, 0.9)
+    index = {t: j for j, t in enumerate(vocabulary)}
+    q = [float(np.mean(np.multiply(rows[i]["annotation"]["deita"]["quality_scores"],
+                                   rows[i]["annotation"]["deita"]["complexity_scores"]))) for i in usable]
+    Vp = M.propagate([[index[t] for t in rows[i]["annotation"]["instag"]["content"]] for i in usable], q, graph)
+    assert got == [usable[i] for i in M.mig_greedy(Vp, 3)]
+    reasons = result.manifest["records"]["reason"]
+    assert any(r and "no quality score" in r for r in reasons) and any(r and "no tags" in r for r in reasons)
+    _assert_fully_cached(_run("mig", pool, tmp_path / "cache", sets))
