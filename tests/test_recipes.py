@@ -393,3 +393,80 @@ def test_mig(tmp_path):
     reasons = result.manifest["records"]["reason"]
     assert any(r and "no quality score" in r for r in reasons) and any(r and "no tags" in r for r in reasons)
     _assert_fully_cached(_run("mig", pool, tmp_path / "cache", sets))
+
+
+DE_SETS = ["start_size=4", "rounds=2", "per_round=3", "epochs=3"]  # 1 step per epoch: the first has lr 0 (warmup)
+
+
+def _farthest_first(X, given, k):
+    """Plain k-center: each pick maximises the squared distance to its nearest centre (ties: lower index)."""
+    centres = list(given)
+    picks = []
+    for _ in range(k):
+        best, best_d = None, -1.0
+        for i in range(len(X)):
+            if i in centres:
+                continue
+            d = min(float(((X[i] - X[c]) ** 2).sum()) for c in centres)
+            if d > best_d:
+                best, best_d = i, d
+        centres.append(best)
+        picks.append(best)
+    return picks
+
+
+def test_diverseevol_rounds_are_kcenter_on_each_rounds_model(pool120, tiny_llama, tmp_path):
+    cache = tmp_path / "cache"
+    sets = [f'model=hf("{tiny_llama}")', *DE_SETS]
+    result = _run("diverseevol", pool120, cache, sets)
+    got = set(int(i) for i in result.selected)
+    assert len(got) == 4 + 2 * 3
+    start = "random(start_size, seed=0)"
+    cur0 = np.flatnonzero(_values(start, pool120, cache, recipe="diverseevol", sets=sets))
+    X1 = _values(f"hidden(finetune(model, data={start}, epochs=epochs))", pool120, cache, recipe="diverseevol",
+                 sets=sets)
+    round1 = _farthest_first(X1, cur0.tolist(), 3)
+    cur1 = f"{start} + kcenter(hidden(finetune(model, data={start}, epochs=epochs)), per_round, given={start})"
+    assert sorted(np.flatnonzero(_values(cur1, pool120, cache, recipe="diverseevol", sets=sets))) == sorted(
+        cur0.tolist() + round1)
+    X2 = _values(f"hidden(finetune(model, data={cur1}, epochs=epochs))", pool120, cache, recipe="diverseevol",
+                 sets=sets)
+    assert not np.allclose(X1, X2)  # each round embeds with the model trained on its own selection
+    round2 = _farthest_first(X2, cur0.tolist() + round1, 3)
+    assert got == set(cur0.tolist()) | set(round1) | set(round2)
+    _assert_fully_cached(_run("diverseevol", pool120, cache, sets))
+
+
+def _finished_finetunes(cache: Path) -> set[Path]:
+    return {p for p in cache.rglob("epoch-1/datasel_checkpoint.json")}
+
+
+def test_diverseevol_killed_mid_run_resumes_at_the_last_finished_round(pool120, tiny_llama, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cache = tmp_path / "cache"
+    sets = [f'model=hf("{tiny_llama}")', "start_size=4", "rounds=4", "per_round=3", "epochs=3"]
+    args = [sys.executable, "-m", "datasel.dsl.cli", "run", "diverseevol", "--pool", str(pool120), "-q",
+            "-o", str(tmp_path / "out.jsonl"), "--cache", str(cache)] + [a for s in sets for a in ("--set", s)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while len(_finished_finetunes(cache)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _finished_finetunes(cache)
+    assert 2 <= len(before) < 4, f"killed after {len(before)} of 4 rounds' fine-tunes; the test needs a run in flight"
+    lines: list[str] = []
+    from datasel.dsl.runner import run
+
+    result = run("diverseevol", pool120, cache_dir=cache, sets=sets, log=lines.append)
+    resumed = [m for m in lines if "from the cache" in m]
+    assert resumed and any("round 1 from the cache" in m for m in resumed), lines
+    after = _finished_finetunes(cache)
+    assert before <= after and len(after) == 4  # the fine-tunes done before the kill were not redone
+    assert len(result.selected) == 4 + 4 * 3
+    fresh = _run("diverseevol", pool120, tmp_path / "fresh", sets)
+    assert sorted(int(i) for i in fresh.selected) == sorted(int(i) for i in result.selected)
