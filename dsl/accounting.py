@@ -278,6 +278,11 @@ class ExplainContext(RunContext):
         """What the selector given as ``param`` did to ``rows`` (which reached this node): kept, reasons, texts."""
         return self._explainer.expression(self._node.input(param), self._env, self._node.input("input"), rows)
 
+    def input_exclusions(self, param: str) -> list:
+        """What the op given as ``param`` said about records it left out (``ctx.exclude``): a partition's
+        records in no group, say."""
+        return list(self._engine.exclusions_of(self._node.input(param), self._env))
+
     def explain_call(self, param: str, members: np.ndarray, group: tuple | None = None):
         """What the function argument ``param`` did to ``members`` when called with them (a group, say)."""
         inner = dict(self._env)

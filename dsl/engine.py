@@ -140,10 +140,12 @@ def _stored_set_problem(node: Node, entry, n: int) -> str | None:
             problem = f"{len(arrays['subset'])} records but {second} for a different number"
         if problem is None and node.kind is Kind.PARTITION and arrays["labels"].dtype.kind not in "iu":
             problem = "group labels are not whole numbers"
-        return problem
-    if "indices" not in arrays:
-        return "no indices array"
-    problem = _index_problem("indices", arrays["indices"], n)
+        if problem is not None or node.role is Role.SET_SCORES:
+            return problem
+    else:
+        if "indices" not in arrays:
+            return "no indices array"
+        problem = _index_problem("indices", arrays["indices"], n)
     exclusions = entry.info.get("exclusions", []) if isinstance(entry.info, dict) else []
     if problem is None and not isinstance(exclusions, list):
         return "exclusions are not a list"
@@ -453,7 +455,7 @@ class Engine:
             self.warn(f"cache entry {key[:16]} holds a wrong result ({problem}); recomputing it")
             return None
         if node.kind is Kind.PARTITION:
-            if "labels" not in entry.arrays:
+            if "labels" not in entry.arrays or (env is not None and not self._restore_exclusions(node, entry, env)):
                 return None
             subset = np.asarray(entry.arrays["subset"], dtype=np.int64)
             return Grouping(subset, np.asarray(entry.arrays["labels"], dtype=np.int64), key)
@@ -464,17 +466,22 @@ class Engine:
                                 np.asarray(entry.arrays["scores"]), key)
         if "indices" not in entry.arrays:
             return None
-        if env is not None:
-            restored = []
-            for i, desc in enumerate(entry.info.get("exclusions", [])):
-                prefix = f"x{i}_"
-                if prefix + "indices" not in entry.arrays:
-                    return None
-                values = {name: np.asarray(entry.arrays[prefix + "v_" + name]) for name in desc.get("values", [])}
-                restored.append(Exclusion(desc["reason"], desc.get("detail"),
-                                          np.asarray(entry.arrays[prefix + "indices"], dtype=np.int64), values))
-            self.exclusions[self.bound_key(node.id, env)] = restored
+        if env is not None and not self._restore_exclusions(node, entry, env):
+            return None
         return _selection(np.asarray(entry.arrays["indices"], dtype=np.int64), self.pool)
+
+    def _restore_exclusions(self, node: Node, entry, env: dict) -> bool:
+        """Put the exclusions stored with a cached set-level result back into ``env``'s memo (False: incomplete)."""
+        restored = []
+        for i, desc in enumerate(entry.info.get("exclusions", [])):
+            prefix = f"x{i}_"
+            if prefix + "indices" not in entry.arrays:
+                return False
+            values = {name: np.asarray(entry.arrays[prefix + "v_" + name]) for name in desc.get("values", [])}
+            restored.append(Exclusion(desc["reason"], desc.get("detail"),
+                                      np.asarray(entry.arrays[prefix + "indices"], dtype=np.int64), values))
+        self.exclusions[self.bound_key(node.id, env)] = restored
+        return True
 
     def entry_info(self, node: Node) -> dict:
         """What a cache entry was computed for (shown by ``datasel cache ls``)."""
@@ -488,13 +495,11 @@ class Engine:
 
     def _store_set(self, node: Node, key: str, result, exclusions: list[Exclusion] = ()) -> None:
         info = self.entry_info(node)
-        if isinstance(result, Grouping):
-            self.cache.put(key, {"subset": result.subset, "labels": result.labels}, info, replace=key in self._rejected)
-            return
         if isinstance(result, SubsetScores):
             self.cache.put(key, {"subset": result.subset, "scores": result.scores}, info, replace=key in self._rejected)
             return
-        arrays = {"indices": result.indices}
+        arrays = ({"subset": result.subset, "labels": result.labels} if isinstance(result, Grouping)
+                  else {"indices": result.indices})
         described = []
         for i, ex in enumerate(exclusions):
             arrays[f"x{i}_indices"] = ex.indices
@@ -522,7 +527,9 @@ class Engine:
             labels = np.asarray(result, dtype=np.int64)
             if labels.shape != subset.shape:
                 raise OpError(node, f"returned {labels.shape[0] if labels.ndim else 0} labels for {len(subset)} records")
-            return Grouping(subset, labels, key)
+            # Label -1: the op left the record out of every group (and said why with ctx.exclude).
+            grouped = labels >= 0
+            return Grouping(subset[grouped], labels[grouped], key)
         if node.role is Role.SET_SCORES:
             scores = np.asarray(result, dtype=np.float64)
             if scores.shape != subset.shape:

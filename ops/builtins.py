@@ -260,7 +260,26 @@ def _explain_per_group(ctx, subset, kept, partition, body):
             if entry not in notes:
                 notes.append(entry)
             case[p], text[p], group[p], size[p] = notes.index(entry), texts[i], label, len(members)
-    return Verdict(notes, case, {"group": group, "size": size, "text": text})
+    values = {"group": group, "size": size, "text": text}
+    # Records the partition put in no group: its own reason (kmeans: no features), else a plain one.
+    grouped = np.isin(subset, np.concatenate([m for _, m in groups])) if groups else np.zeros(len(subset), bool)
+    for ex in ctx.input_exclusions("partition"):
+        pos = np.searchsorted(subset, ex.indices)
+        ok = pos < len(subset)
+        ok[ok] &= subset[pos[ok]] == ex.indices[ok]
+        ok[ok] &= ~grouped[pos[ok]]
+        if not ok.any():
+            continue
+        notes.append((False, ex.reason, ex.detail or ex.reason))
+        case[pos[ok]] = len(notes) - 1
+        grouped[pos[ok]] = True
+        for name, column in ex.values.items():
+            values.setdefault(name, np.full(len(subset), None, dtype=object))
+            values[name][pos[ok]] = np.asarray(column, dtype=object)[ok]
+    if not grouped.all():
+        notes.append((False, "in no group", "in no group of the partition"))
+        case[~grouped] = len(notes) - 1
+    return Verdict(notes, case, values)
 
 
 @op("per_group", [Param("partition", Kind.PARTITION, doc="the groups"),

@@ -113,7 +113,9 @@ def kmeans(ctx, subset, features, k, seed=0, iters=300, tol=1e-4, metric="l2", n
     per-feature variance, at most ``iters`` iterations (its defaults, 1e-4 and
     300).  Empty clusters are re-seeded by faiss during training; a cluster
     still empty at the end is dropped, so the groups are numbered 0..k'−1.
-    With fewer records than ``k`` every record is its own group.
+    With fewer records than ``k`` every record is its own group.  Records without features
+    (NaN: a gradient of a record whose answer was cut off, say) are left out of every group and
+    counted, with the reason.
     """
     from datasel.ops.algos.kmeans import kmeans as run_kmeans
 
@@ -122,14 +124,25 @@ def kmeans(ctx, subset, features, k, seed=0, iters=300, tol=1e-4, metric="l2", n
     k = int(k)
     if k < 1:
         raise ValueError("k must be at least 1")
-    if k >= len(subset):
-        return np.arange(len(subset), dtype=np.int64)
-    X = _features(features, subset, "kmeans")
-    result = run_kmeans(X, k, seed=int(seed), iters=int(iters), tol=float(tol) if tol else None, metric=metric,
-                        n_init=int(n_init))
+    X = np.asarray(features.values(subset), dtype=np.float32)
+    if X.ndim != 2:
+        raise ValueError(f"kmeans needs one vector per record (Features), got shape {X.shape}")
+    labels = np.full(len(subset), -1, dtype=np.int64)  # -1: in no group
+    finite = np.isfinite(X).all(axis=1)
+    if not finite.all():
+        left = subset[~finite]
+        ctx.exclude("no features", left, detail=f"no {features.label} features for kmeans: {{missing}}",
+                    missing=np.asarray(ctx.why_missing(features, left), dtype=str))
+    rows = np.flatnonzero(finite)
+    if k >= len(rows):
+        labels[rows] = np.arange(len(rows))
+        return labels
+    result = run_kmeans(np.ascontiguousarray(X[rows]), k, seed=int(seed), iters=int(iters),
+                        tol=float(tol) if tol else None, metric=metric, n_init=int(n_init))
     if result.empty_dropped:
         ctx.warn(f"{result.empty_dropped} of {k} clusters ended empty and were dropped")
-    return result.labels
+    labels[rows] = result.labels
+    return labels
 
 
 @op("nearest", [Param("features", Kind.FEATURES, doc="vectors"),
