@@ -5,10 +5,12 @@ Alpaca; seeded samples, non-empty responses), and GSM8K test questions as the ta
 (``--val``).  Each targeted recipe picks the same share of the pool; the probe reports the share
 of GSM8K-train records among its picks, next to their share in the pool and among seeded random
 picks of the same size (mean and spread over seeds), and each recipe's wall time.  All recipes
-share one cache, so the warmup and the gradient features are computed once and reused, as in normal use;
-ClusterUCB runs first, on the empty cache, so its gradient nodes show the share of the pool whose
-gradients it computed (LESS then computes the rest), and the overlap of the two selections is
-printed.
+share one cache, so the warmup and the gradient features are computed once (by LESS) and reused, as in normal use;
+ClusterUCB's rewards are therefore read from the cache, and its manifest says how many records
+the bandit drew (the share of the pool whose gradients a fresh ClusterUCB run computes).  On a
+CPU a fresh ClusterUCB run is slow for another reason: each single-record draw projects its
+gradient with the dense Rademacher matrix drawn anew (``grad``'s per-call cost).  The overlap
+of the LESS and ClusterUCB selections is printed.
 
     .venv/bin/python benchmarks/quality/targeted.py [--per-source 80] [--targets 30] [--share 10%]
 
@@ -37,12 +39,12 @@ SOURCES = {"dolly": "dolly.jsonl", "gsm8k": "gsm8k_train_alpaca.jsonl", "code": 
 
 def recipes(share: str) -> dict[str, tuple[str, list[str]]]:
     """name -> (recipe text, --set lines): the shipped recipes' selections at one common budget."""
-    # ClusterUCB first: on the empty cache its grad nodes show the share of the pool it computed.
+    # ClusterUCB after LESS: its rewards are read from the cache (see the module docstring).
     return {
-        "clusterucb": ((HERE.parent.parent / "recipes" / "clusterucb.sel").read_text(encoding="utf-8")
-                       .replace("topk(reward, 5% of pool)", f"topk(reward, {share} of pool)"), ["clusters=8"]),
         "less": (f'select topk(influence(grad_adam, val_grad, run=warmup, groups="task"), {share})', []),
         "g2is": (f"select graphwalk(grad_adam, anchors=pca(val_grad, 0.5), k={share})", []),
+        "clusterucb": ((HERE.parent.parent / "recipes" / "clusterucb.sel").read_text(encoding="utf-8")
+                       .replace("topk(reward, 5% of pool)", f"topk(reward, {share} of pool)"), ["clusters=8"]),
         "rds": ((HERE.parent.parent / "recipes" / "rds.sel").read_text(encoding="utf-8"),
                 [f"budget={share} of pool"]),
     }
@@ -79,13 +81,15 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", type=int, default=30)
     parser.add_argument("--share", default="10%")
     parser.add_argument("--only", nargs="*", help="recipes to run (default: all)")
+    parser.add_argument("--work", type=Path, help="a work folder to reuse (its cache); default: a new one under .bench")
     args = parser.parse_args(argv)
     if not (SHARED_DATA / "pools").is_dir():
         print(json.dumps({"name": "targeted_probe", "skipped": f"{SHARED_DATA} is absent"}))
         return 0
     from datasel.dsl.runner import run
 
-    work = Path(tempfile.mkdtemp(prefix="probe-", dir=bench_dir()))
+    work = args.work or Path(tempfile.mkdtemp(prefix="probe-", dir=bench_dir()))
+    work.mkdir(parents=True, exist_ok=True)
     pool, sources = build_pool(work, args.per_source)
     target = build_target(work, args.targets)
     src = np.asarray(sources)
@@ -100,11 +104,14 @@ def main(argv=None) -> int:
                      sets=base_sets + sets)
         seconds = time.perf_counter() - started
         picked = np.asarray(result.selected, dtype=np.int64)
-        grad_rows = {node["label"]: node.get("rows_computed") for node in result.manifest["nodes"]
-                     if node["op"] == "grad"}
+        grad_rows = [node.get("rows_computed") for node in result.manifest["nodes"] if node["op"] == "grad"]
+        reasons = result.manifest["records"]["reason"]
+        not_drawn = sum(1 for r in reasons if r and ("not drawn by the bandit" in r or "features for kmeans" in r))
         row = {"name": name, "picked": int(len(picked)), "gsm8k_share": round(float((src[picked] == "gsm8k").mean()), 3)
                if len(picked) else None, "code_share": round(float((src[picked] == "code").mean()), 3) if len(picked) else None,
                "seconds": round(seconds, 1), "grad_rows_computed": grad_rows}
+        if name == "clusterucb":
+            row["drawn_share"] = round(1 - not_drawn / n, 3)
         rows.append(row)
         chosen[name] = set(picked.tolist())
         print(json.dumps(row), flush=True)

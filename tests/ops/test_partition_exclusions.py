@@ -44,3 +44,12 @@ def test_kmeans_leaves_records_without_features_out_and_says_why(run_recipe):
 def test_with_fewer_defined_records_than_k_each_is_its_own_group(run_recipe):
     first = run_recipe("select kmeans(test_vec_or_nan, 9) | topk(length, 1)", POOL)
     assert sorted(first.selected) == [0, 1, 2, 4, 5, 7, 8, 9]
+
+
+def test_graphwalk_leaves_records_without_features_out_and_says_why(run_recipe, write_pool):
+    val = write_pool([r for r in POOL if "cut" not in r["output"]], name="val.jsonl")
+    first = run_recipe("select graphwalk(test_vec_or_nan, anchors=pca(test_vec_or_nan(data=val), 0.5), k=4)",
+                       POOL, val=val)
+    assert len(first.selected) == 4 and not {3, 6} & set(first.selected)
+    reasons = first.manifest["records"]["reason"]
+    assert [i for i, r in enumerate(reasons) if r and "features for graphwalk" in r] == [3, 6]
