@@ -559,6 +559,19 @@ class Typed:
         features = self.expr(Kind.FEATURES, depth - 1)[0]
         return f"pca({features}, {self.pick(['0.5', '0.9', '1'])})", ATOM
 
+    def k_labels(self, depth: int):
+        named = self.from_names(Kind.LABELS)
+        if named and self.chance(30):
+            return named
+        return f'tags(field={_quote(self.pick(["tags", "missing"]))})', ATOM
+
+    def k_graph(self, depth: int):
+        named = self.from_names(Kind.GRAPH)
+        if named and self.chance(30):
+            return named
+        features = self.expr(Kind.FEATURES, depth - 1)[0]
+        return f"knn_graph({features}, {self.int_(1, 4)})", ATOM
+
     def k_budget(self, depth: int):
         choice = self.int_(0, 9)
         if choice <= 3:

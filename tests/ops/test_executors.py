@@ -16,7 +16,8 @@ pytestmark = pytest.mark.usefixtures("cache_dir")
 
 RECORDS = [
     {"instruction": "Say hello to the team.", "input": "", "output": "Hello team, good morning!"},
-    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5", "rating": 4},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5", "rating": 4, "tags": ["math", "sum"],
+     "annotation": {"deita": {"quality_scores": [3.5, 4.0], "complexity_scores": [2.0, 1.5]}}},
     {"instruction": "Name a colour of the sky.", "input": "", "output": "Blue, on a clear day.", "rating": 2},
     {"instruction": "Summarise: cats sleep a lot.", "input": "", "output": "Cats sleep much of the day."},
     {"instruction": "Translate 'dog' to French.", "input": "", "output": "chien", "rating": "n/a"},
@@ -56,6 +57,8 @@ def expressions(llama: Path, reward_model: Path) -> dict[str, str]:
         "reward": f'reward(hf("{reward_model}"))',
         "minhash": "minhash(shingle=2)",
         "grad": f"grad(finetune({m}, data=random(3, seed=0), epochs=1, lr=0.05, batch=2, lora_r=2), dim=16)",
+        "tags": "tags",
+        "deita": "deita",
     }
 
 
@@ -68,7 +71,7 @@ def test_every_map_op_is_covered():
 
 
 @pytest.mark.parametrize("op", ["length", "field", "loss", "hidden", "generation_stats", "embed", "reward", "minhash",
-                                "grad"])
+                                "grad", "tags", "deita"])
 def test_ray_gives_the_values_the_local_executor_gives(op, tmp_path, tiny_llama_dir, tiny_reward_dir, ray_executor):
     expr = expressions(tiny_llama_dir, tiny_reward_dir)[op]
     pool = _pool(tmp_path)
