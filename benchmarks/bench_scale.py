@@ -58,6 +58,8 @@ def _texts() -> list[dict]:
         if path.exists():
             rows += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     if not rows:
+        print(f"bench_scale: {SHARED_DATA / 'pools'} has no alpaca/dolly pool: using examples/pool.jsonl's shorter "
+              f"texts (set DATASEL_SHARED_DATA)", file=sys.stderr)
         rows = [json.loads(line) for line in (REPO / "examples" / "pool.jsonl").read_text().splitlines()]
     return [r for r in rows if str(r.get("output", "")).strip()]
 
