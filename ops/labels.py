@@ -18,18 +18,7 @@ import numpy as np
 
 from datasel.ops.contract import Column
 from datasel.ops.registry import Kind, Param, Ref, op
-
-
-def _lookup(raw, path: str):
-    value = raw
-    for part in path.split("."):
-        if isinstance(value, dict) and part in value:
-            value = value[part]
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
-        else:
-            return None
-    return value
+from datasel.ops.scores import _lookup  # a dotted path into the raw record, as field() reads it
 
 
 def _read_vocabulary(path: str) -> list[str]:
