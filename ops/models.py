@@ -185,8 +185,20 @@ def encoder(ctx, id, device="auto", allow_pickle=False):
     return Encoder(id, dev, _encoder_key(id, device), allow_pickle=bool(allow_pickle))
 
 
+class _OnBase:
+    """The dtype and device of a model value built on a base model (``self.base``)."""
+
+    @property
+    def dtype(self) -> str:
+        return self.base.dtype
+
+    @property
+    def device(self) -> str:
+        return self.base.device
+
+
 @dataclass
-class Checkpoints:
+class Checkpoints(_OnBase):
     """The checkpoints of one fine-tuning run: the start (epoch 0) and one per epoch."""
 
     base: LM
@@ -216,17 +228,9 @@ class Checkpoints:
         """A fine-tuned model used as a plain model means its last checkpoint."""
         return self.at(-1).load()
 
-    @property
-    def dtype(self) -> str:
-        return self.base.dtype
-
-    @property
-    def device(self) -> str:
-        return self.base.device
-
 
 @dataclass
-class Checkpoint:
+class Checkpoint(_OnBase):
     """One checkpoint of a fine-tuning run, usable wherever a model is."""
 
     base: LM
@@ -253,17 +257,9 @@ class Checkpoint:
             self._loaded = (model, tokenizer)
         return self._loaded
 
-    @property
-    def dtype(self) -> str:
-        return self.base.dtype
-
-    @property
-    def device(self) -> str:
-        return self.base.device
-
 
 @dataclass
-class LoraModel:
+class LoraModel(_OnBase):
     """A base model with an untrained LoRA adapter's settings (``lora(model, r=…)``), for ``finetune``.
 
     Untrained, the adapter is the identity (its B factors start at zero), so wherever a model is
@@ -278,14 +274,6 @@ class LoraModel:
 
     def load(self):
         return self.base.load()
-
-    @property
-    def dtype(self) -> str:
-        return self.base.dtype
-
-    @property
-    def device(self) -> str:
-        return self.base.device
 
 
 def base_lm(model) -> LM:
