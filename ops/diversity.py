@@ -84,6 +84,21 @@ def _features(features, subset: np.ndarray, what: str) -> np.ndarray:
     return X
 
 
+def _defined_features(ctx, features, subset: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(positions into subset with features, their vectors)``; records whose features are NaN (a
+    gradient of a record whose answer was cut off) are left out with the reason."""
+    X = np.asarray(features.values(subset), dtype=np.float32)
+    if X.ndim != 2:
+        raise ValueError(f"{what} needs one vector per record (Features), got shape {X.shape}")
+    finite = np.isfinite(X).all(axis=1)
+    if not finite.all():
+        left = subset[~finite]
+        ctx.exclude("no features", left, detail=f"no {features.label} features for {what}: {{missing}}",
+                    missing=np.asarray(ctx.why_missing(features, left), dtype=str))
+    rows = np.flatnonzero(finite)
+    return rows, np.ascontiguousarray(X[rows])
+
+
 def _quality(ctx, quality, rows: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Quality values for ``rows``; rows without one are excluded (and counted)."""
     q = np.asarray(quality.values(rows), dtype=np.float64)
@@ -124,20 +139,12 @@ def kmeans(ctx, subset, features, k, seed=0, iters=300, tol=1e-4, metric="l2", n
     k = int(k)
     if k < 1:
         raise ValueError("k must be at least 1")
-    X = np.asarray(features.values(subset), dtype=np.float32)
-    if X.ndim != 2:
-        raise ValueError(f"kmeans needs one vector per record (Features), got shape {X.shape}")
+    rows, X = _defined_features(ctx, features, subset, "kmeans")
     labels = np.full(len(subset), -1, dtype=np.int64)  # -1: in no group
-    finite = np.isfinite(X).all(axis=1)
-    if not finite.all():
-        left = subset[~finite]
-        ctx.exclude("no features", left, detail=f"no {features.label} features for kmeans: {{missing}}",
-                    missing=np.asarray(ctx.why_missing(features, left), dtype=str))
-    rows = np.flatnonzero(finite)
     if k >= len(rows):
         labels[rows] = np.arange(len(rows))
         return labels
-    result = run_kmeans(np.ascontiguousarray(X[rows]), k, seed=int(seed), iters=int(iters),
+    result = run_kmeans(X, k, seed=int(seed), iters=int(iters),
                         tol=float(tol) if tol else None, metric=metric, n_init=int(n_init))
     if result.empty_dropped:
         ctx.warn(f"{result.empty_dropped} of {k} clusters ended empty and were dropped")

@@ -299,6 +299,7 @@ def graphwalk(ctx, subset, features, anchors, k=None, delta=0.8, knn=None, ancho
     features (NaN: a gradient of a record whose answer was cut off) are left out and counted.
     """
     from datasel.ops.algos.g2is import graph_walk
+    from datasel.ops.diversity import _defined_features
 
     subset = np.asarray(subset, dtype=np.int64)
     if graph is not None and knn is not None:
@@ -306,12 +307,8 @@ def graphwalk(ctx, subset, features, anchors, k=None, delta=0.8, knn=None, ancho
     total = (k or Budget(fraction=Fraction(1, 100))).resolve(len(subset), ctx.n_pool)
     if total <= 0 or subset.size == 0:
         return subset[:0]
-    G = np.asarray(features.values(subset), dtype=np.float32)
-    finite = np.isfinite(G).all(axis=1)
-    if not finite.all():  # a record whose answer was cut off has no gradient
-        ctx.exclude("no features", subset[~finite], detail=f"no {features.label} features for graphwalk: {{missing}}",
-                    missing=np.asarray(ctx.why_missing(features, subset[~finite]), dtype=str))
-        subset, G = subset[finite], G[finite]
+    rows, G = _defined_features(ctx, features, subset, "graphwalk")
+    subset = subset[rows]
     neighbours = None
     if graph is not None:
         if graph.fingerprint != ctx.dataset("pool").fingerprint:
